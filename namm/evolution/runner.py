@@ -1,0 +1,230 @@
+"""An evolution run: calibration, stages of ask / evaluate / tell, evaluation, checkpoints, logs.
+
+One generation::
+
+    prompts  = the generation's draw (same for every member, fresh every generation)
+    refs     = full-cache results on those prompts (cached on disk, computed once)
+    members  = es.ask()                          # (popsize, n_params)
+    fitness  = backend.run(one job per member) -> member_fitness(...)
+    es.tell(fitness)
+    every eval_interval generations (and at the end of a stage): evaluate the CMA mean
+    checkpoint (state.pkl, atomically), then mean/, best/, log.csv, fitness.png
+
+Stages run in order, each continuing the previous one's optimiser state; generation numbers
+continue across stages. A resumed run reloads ``state.pkl`` and continues with the very
+generation that was interrupted: its prompts and members are the same as the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from namm.evolution import checkpoint as ckpt
+from namm.evolution.backends import make_backend
+from namm.evolution.config import RunConfig, load_config
+from namm.evolution.fitness import Job, MemberFitness, PromptResult, WorkerSpec, build_namm, member_fitness
+from namm.evolution.optimizer import CMAES
+from namm.evolution.plot import plot_history
+from namm.evolution.prompts import Prompt, PromptPools, ReferenceScores
+
+log = logging.getLogger(__name__)
+
+OnEvent = Callable[[str, dict[str, Any]], None]  # (kind, data): progress for a display
+
+
+class EvolutionRun:
+    """Run (or resume) the evolution described by ``config`` in ``config.output_dir``.
+
+    resume:   continue the run in the folder (start it if the folder has no checkpoint yet);
+              without it an existing, non-empty folder is an error.
+    on_event: called with ("start" | "calibrating" | "references" | "member" | "generation" |
+              "done", data) so a display can follow the run.
+    """
+
+    def __init__(self, config: RunConfig, resume: bool = False, on_event: OnEvent | None = None,
+                 config_text: str | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(config.output_dir)
+        self.resume = resume
+        self.on_event = on_event or (lambda kind, data: None)
+        self.config_text = config_text
+        self.backend: Any = None
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def _prepare_dir(self) -> None:
+        d = self.run_dir
+        if d.exists() and not d.is_dir():
+            raise ValueError(f"Output {str(d)!r} exists and is not a folder.")
+        if d.is_dir() and any(d.iterdir()):
+            if not self.resume:
+                raise ValueError(f"Run folder {str(d)!r} already exists and is not empty; pass --resume to continue "
+                                 f"it, or --out NEW_DIR to start another run.")
+            self._check_same_config()
+        d.mkdir(parents=True, exist_ok=True)
+        resolved = json.dumps(self.config.to_dict(), indent=2, sort_keys=True, default=str)
+        ckpt.atomic_write_text(d / "config.json", resolved + "\n")
+        if self.config_text is not None and not (d / "config.toml").exists():
+            ckpt.atomic_write_text(d / "config.toml", self.config_text)
+
+    def _check_same_config(self) -> None:
+        saved_path = self.run_dir / "config.json"
+        if not saved_path.exists():
+            return
+        saved = json.loads(saved_path.read_text())
+        current = json.loads(json.dumps(self.config.to_dict(), sort_keys=True, default=str))
+        differ = sorted(k for k in set(saved) | set(current)
+                        if k != "output_dir" and saved.get(k) != current.get(k))
+        if differ:
+            raise ValueError(f"--resume with a config that differs from the run's saved config in {differ}; "
+                             f"resume with {saved_path} or start a new run with --out.")
+
+    def _worker_spec(self) -> WorkerSpec:
+        c = self.config
+        return WorkerSpec(model=c.model, dtype=c.dtype, device=c.device, engine=c.engine, namm=c.namm,
+                          mode=c.fitness.mode)
+
+    # -- the run --------------------------------------------------------------------------------
+
+    def run(self, backend: Any = None) -> dict[str, Any]:
+        """Run to the last generation of the last stage; returns the final checkpoint state."""
+        self._prepare_dir()
+        spec = self._worker_spec()
+        self.backend = backend or make_backend(self.config.backend, spec, self.config.ray)
+        try:
+            return self._run(spec)
+        finally:
+            if backend is None:
+                self.backend.close()
+
+    def _run(self, spec: WorkerSpec) -> dict[str, Any]:
+        c = self.config
+        self.pools: PromptPools = self.backend.call("build_pools", c)
+        self.references = ReferenceScores(self.run_dir / "reference_scores.json", c.model)
+        norm = self._calibration()
+        self.template = build_namm(spec).with_norm(norm)
+        state = ckpt.load_state(self.run_dir)
+        if state is None:
+            self.es = CMAES(dim=self.template.num_params, config=c.optimizer)
+            self.history: list[dict[str, Any]] = []
+            self.best_eval: dict[str, Any] | None = None
+        else:
+            self.es = CMAES.from_state_dict(state["optimizer"])
+            self.history, self.best_eval = state["history"], state["best_eval"]
+            self._write_outputs(best_changed=True)  # outputs may lag the checkpoint after a kill
+        start = self.es.generation
+        self.on_event("start", {"generation": start, "total": c.total_generations, "popsize": self.es.popsize,
+                                "params": self.template.num_params, "run_dir": str(self.run_dir)})
+        for g in range(start, c.total_generations):
+            self._generation(g)
+        final = self._state()
+        self.on_event("done", {"generation": self.es.generation, "run_dir": str(self.run_dir)})
+        return final
+
+    def _calibration(self):
+        norm = ckpt.load_calibration(self.run_dir)
+        if norm is None:
+            prompts = self.pools.calibration_batch()
+            self.on_event("calibrating", {"prompts": len(prompts), "task": self.config.calibration.task})
+            norm = self.backend.call("calibrate", prompts)
+            ckpt.save_calibration(self.run_dir, norm)
+        self.backend.set_calibration(norm)
+        return norm
+
+    def stage_of(self, generation: int) -> tuple[int, int]:
+        """(stage index, generation at which that stage ends) for a global generation number."""
+        end = 0
+        for i, stage in enumerate(self.config.stages):
+            end += stage.generations
+            if generation < end:
+                return i, end
+        raise ValueError(f"generation {generation} is past the last stage")
+
+    def _generation(self, g: int) -> None:
+        c = self.config
+        t0 = time.perf_counter()
+        stage_idx, stage_end = self.stage_of(g)
+        tasks = c.stages[stage_idx].tasks
+        prompts = self.pools.generation_batch(g, tasks)
+        refs = self._references(prompts)
+        members = self.es.ask()
+        jobs = [Job(i, members[i], prompts) for i in range(len(members))]
+        done = lambda i: self.on_event("member", {"generation": g, "member": i, "popsize": len(jobs)})  # noqa: E731
+        results = self.backend.run(jobs, on_done=done)
+        fits = [member_fitness(c.fitness, prompts, r, refs) for r in results]
+        self.es.tell([f.fitness for f in fits])
+        row = self._row(g, stage_idx, tasks, fits)
+        best_changed = False
+        if c.eval_interval and ((g + 1) % c.eval_interval == 0 or g + 1 == stage_end):
+            best_changed = self._evaluate_mean(g, tasks, row)
+        row["seconds"] = time.perf_counter() - t0
+        self.history.append(row)
+        ckpt.save_state(self.run_dir, self._state())
+        self._write_outputs(best_changed)
+        self.on_event("generation", row)
+
+    def _row(self, g: int, stage_idx: int, tasks: list[str], fits: list[MemberFitness]) -> dict[str, Any]:
+        values = [f.fitness for f in fits]
+        best = int(np.argmax(values))
+        return {"generation": g, "stage": stage_idx + 1, "tasks": list(tasks),
+                "fitness_best": max(values), "fitness_mean": float(np.mean(values)), "fitness_worst": min(values),
+                "raw_mean": float(np.mean([f.raw for f in fits])), "kept_mean": float(np.mean([f.kept for f in fits])),
+                "kept_of_best": fits[best].kept, "sigma": self.es.sigma, "fitness": values,
+                "eval_fitness": None, "eval_kept": None}
+
+    def _evaluate_mean(self, g: int, tasks: list[str], row: dict[str, Any]) -> bool:
+        """Evaluate the CMA mean on the eval prompts; True if it is the best evaluation so far."""
+        prompts = self.pools.eval_batch(tasks)
+        refs = self._references(prompts)
+        mean = self.es.mean
+        fit = member_fitness(self.config.fitness, prompts, self._run_split(mean, prompts), refs)
+        row["eval_fitness"], row["eval_kept"], row["eval_per_task"] = fit.fitness, fit.kept, fit.per_task
+        if self.best_eval is None or fit.fitness > self.best_eval["fitness"]:
+            self.best_eval = {"fitness": fit.fitness, "kept": fit.kept, "generation": g, "params": mean}
+            return True
+        return False
+
+    def _references(self, prompts: list[Prompt]) -> list[PromptResult]:
+        """Full-cache results for ``prompts``, computing (and caching) the ones not seen yet."""
+        missing = self.references.missing(prompts)
+        if missing:
+            self.on_event("references", {"prompts": len(missing)})
+            results = self._run_split(None, missing)
+            self.references.add(missing, [r.to_dict() for r in results])
+        return [PromptResult.from_dict(r) for r in self.references.get(prompts)]
+
+    def _run_split(self, params: np.ndarray | None, prompts: list[Prompt]) -> list[PromptResult]:
+        """Run one parameter vector on many prompts, split over the backend's workers."""
+        n = max(1, min(int(getattr(self.backend, "workers", 1)), len(prompts)))
+        size = math.ceil(len(prompts) / n)
+        jobs = [Job(-1, params, prompts[i:i + size]) for i in range(0, len(prompts), size)]
+        return [r for job_results in self.backend.run(jobs) for r in job_results]
+
+    # -- checkpoint and outputs -------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        return {"optimizer": self.es.state_dict(), "history": self.history, "best_eval": self.best_eval,
+                "generation": self.es.generation}
+
+    def _write_outputs(self, best_changed: bool) -> None:
+        ckpt.export_namm(self.run_dir / "mean", self.template, self.es.mean)
+        if best_changed and self.best_eval is not None:
+            ckpt.export_namm(self.run_dir / "best", self.template, self.best_eval["params"])
+        ckpt.write_log(self.run_dir / "log.csv", self.history)
+        if self.history:
+            plot_history(self.history, self.run_dir / "fitness.png", title=f"{self.config.model}: namm evolve")
+
+
+def run_from_file(path: str | Path, output_dir: str | Path | None = None, resume: bool = False,
+                  on_event: OnEvent | None = None) -> dict[str, Any]:
+    """Load a run's TOML file and run it (what ``namm evolve CONFIG`` does)."""
+    config = load_config(path, output_dir)
+    return EvolutionRun(config, resume=resume, on_event=on_event, config_text=Path(path).read_text()).run()
+

@@ -1,0 +1,231 @@
+"""Token features of a NAMM: attention spectrogram, EMA, normalisation and recency embedding.
+
+Every cached token k of a layer and KV head is described by the attention it receives from the
+queries over time, x_k[q] = A[q, k]. Its short-time Fourier transform (n_fft 32, hop 16, periodic
+Hann window, magnitudes, 17 bins) is folded frame by frame into an exponential moving average,
+normalised with frozen per-bin statistics and joined with a sinusoidal embedding of the token's
+age: ``z_k = [recency(r_k) (8), (E_k - mu) / sigma (17)]`` (Cetin et al., "An Evolved Universal
+Transformer Memory", arXiv 2410.13166, section 3.1; namm-algorithm.md section 2).
+
+The reference buffers 512 query rows per layer before computing the spectrogram. Here the
+spectrogram is *streamed*: each layer keeps at most ``n_fft - 1`` recent query rows (the 16-row
+overlap plus rows not yet forming a hop) and emits a frame as soon as ``hop`` new rows arrive, so
+the attention matrix can be dropped right after each forward call. Frame m covers the queries
+``16m - 16 .. 16m + 15`` (zeros before query 0), exactly the frames the reference computes at its
+eviction steps, and the per-frame EMA ``E <- beta E + (1 - beta) S`` with ``beta = 0.99**16``
+equals the reference's per-step formula.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Hyperparameters of the token features (defaults: the released NAMM-BAM).
+
+    n_fft / hop:        STFT window and hop over the query axis (periodic Hann, center=False).
+    ema_coeff:          EMA coefficient per query token; a frame decays by ``ema_coeff ** hop``.
+    recency_dim:        size of the sinusoidal recency embedding (sin half, cos half).
+    recency_max_freq:   base of the recency frequencies, w_i = max_freq ** (-i / (dim / 2)).
+    norm_eps:           lower bound on the normalisation standard deviation.
+    """
+
+    n_fft: int = 32
+    hop: int = 16
+    ema_coeff: float = 0.99
+    recency_dim: int = 8
+    recency_max_freq: float = 50000.0
+    norm_eps: float = 1e-7
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.n_fft, int) and self.n_fft >= 2):
+            raise ValueError(f"n_fft must be an integer >= 2, got {self.n_fft!r}.")
+        if not (isinstance(self.hop, int) and 1 <= self.hop <= self.n_fft):
+            raise ValueError(f"hop must be an integer in [1, n_fft={self.n_fft}], got {self.hop!r}.")
+        if not (0.0 <= float(self.ema_coeff) < 1.0):
+            raise ValueError(f"ema_coeff must be in [0, 1), got {self.ema_coeff!r}.")
+        if not (isinstance(self.recency_dim, int) and self.recency_dim >= 0 and self.recency_dim % 2 == 0):
+            raise ValueError(f"recency_dim must be a non-negative even integer, got {self.recency_dim!r}.")
+        if self.recency_max_freq <= 0 or self.norm_eps <= 0:
+            raise ValueError("recency_max_freq and norm_eps must be positive.")
+
+    @property
+    def n_bins(self) -> int:
+        return self.n_fft // 2 + 1
+
+    @property
+    def overlap(self) -> int:
+        return self.n_fft - self.hop
+
+    @property
+    def frame_decay(self) -> float:
+        """beta = ema_coeff ** hop, the EMA coefficient per spectrogram frame."""
+        return float(self.ema_coeff) ** self.hop
+
+    @property
+    def feature_dim(self) -> int:
+        return self.recency_dim + self.n_bins
+
+
+class StreamingSpectrogram:
+    """Per-layer streaming STFT + EMA of the attention each cached token receives.
+
+    State per layer: ``rows`` (kv_heads, r, cache_len), the last r < n_fft query rows still
+    needed by future frames, and ``ema`` (kv_heads, cache_len, n_bins). New tokens enter with a
+    zero EMA and zero history (the attention they got before they existed is zero anyway).
+    """
+
+    def __init__(self, config: FeatureConfig) -> None:
+        self.config = config
+        self.rows: dict[int, torch.Tensor] = {}
+        self.emas: dict[int, torch.Tensor] = {}
+        self._window: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.rows.clear()
+        self.emas.clear()
+
+    def window(self, like: torch.Tensor) -> torch.Tensor:
+        w = self._window
+        if w is None or w.dtype != like.dtype or w.device != like.device:
+            w = torch.hann_window(self.config.n_fft, periodic=True, dtype=like.dtype, device=like.device)
+            self._window = w
+        return w
+
+    def observe(self, layer: int, attn: torch.Tensor) -> None:
+        """Fold one forward call's attention (kv_heads, new_queries, cache_len) into the EMA."""
+        cfg = self.config
+        heads, _, cache_len = attn.shape
+        if layer not in self.rows:  # zero padding before query 0
+            self.rows[layer] = attn.new_zeros(heads, cfg.overlap, cache_len)
+            self.emas[layer] = attn.new_zeros(heads, cache_len, cfg.n_bins)
+        rows, ema = self.rows[layer], self.emas[layer]
+        grown = cache_len - rows.shape[-1]
+        if grown < 0:
+            raise RuntimeError(
+                f"layer {layer}: attention covers {cache_len} keys but the policy tracks {rows.shape[-1]}; "
+                "the engine must call select()/prune before handing a smaller cache."
+            )
+        rows = F.pad(rows, (0, grown))  # older queries gave new keys zero attention
+        ema = F.pad(ema, (0, 0, 0, grown))
+        rows = torch.cat([rows, attn.to(rows.dtype)], dim=1)  # (kv_heads, r + new_queries, cache_len)
+
+        beta, window = cfg.frame_decay, self.window(rows)
+        n_frames = 0
+        while n_frames * cfg.hop + cfg.n_fft <= rows.shape[1]:
+            start = n_frames * cfg.hop
+            frame = rows[:, start : start + cfg.n_fft].transpose(1, 2)  # (kv_heads, cache_len, n_fft)
+            spectrum = torch.fft.rfft(frame * window, dim=-1).abs()  # (kv_heads, cache_len, n_bins)
+            ema = beta * ema + (1.0 - beta) * spectrum
+            n_frames += 1
+        self.rows[layer] = rows[:, n_frames * cfg.hop :].clone()  # < n_fft rows; frees the chunk
+        self.emas[layer] = ema
+
+    def ema(self, layer: int) -> torch.Tensor:
+        """The un-normalised EMA spectrogram of every cached token, (kv_heads, cache_len, n_bins)."""
+        if layer not in self.emas:
+            raise KeyError(f"layer {layer} has not been observed yet.")
+        return self.emas[layer]
+
+    def prune(self, layer: int, keep_idx: torch.Tensor) -> None:
+        """Keep only the tokens ``keep_idx`` (kv_heads, n_keep) of ``layer``."""
+        rows, ema = self.rows[layer], self.emas[layer]
+        heads, n_rows, _ = rows.shape
+        n_keep = keep_idx.shape[-1]
+        keep_idx = keep_idx.to(rows.device)
+        self.rows[layer] = rows.gather(2, keep_idx[:, None, :].expand(heads, n_rows, n_keep))
+        self.emas[layer] = ema.gather(1, keep_idx[:, :, None].expand(heads, n_keep, ema.shape[-1]))
+
+
+class RunningStats:
+    """Per-bin mean and variance, merged with the parallel (Chan et al.) formula.
+
+    The reference collects them over every layer, head, token and eviction step of keep-all runs
+    and then freezes them (namm-algorithm.md section 2.4 and 5). Kept in float64.
+    """
+
+    def __init__(self, n_bins: int, count: float = 0.0, mean: torch.Tensor | None = None,
+                 m2: torch.Tensor | None = None) -> None:
+        self.n_bins = n_bins
+        self.count = float(count)
+        self.mean = torch.zeros(n_bins, dtype=torch.float64) if mean is None else mean.to(torch.float64).cpu()
+        self.m2 = torch.zeros(n_bins, dtype=torch.float64) if m2 is None else m2.to(torch.float64).cpu()
+
+    @classmethod
+    def from_mean_var(cls, count: float, mean: torch.Tensor, var: torch.Tensor) -> RunningStats:
+        return cls(mean.numel(), count, mean, var.to(torch.float64) * float(count))
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Population variance per bin, (n_bins,)."""
+        return self.m2 / self.count if self.count > 0 else torch.ones_like(self.m2)
+
+    def update(self, values: torch.Tensor) -> None:
+        """Merge a batch of values (..., n_bins)."""
+        x = values.detach().reshape(-1, self.n_bins).to(torch.float64).cpu()
+        if x.shape[0] == 0:
+            return
+        self.merge(RunningStats(self.n_bins, x.shape[0], x.mean(0), ((x - x.mean(0)) ** 2).sum(0)))
+
+    def merge(self, other: RunningStats) -> None:
+        total = self.count + other.count
+        if other.count == 0:
+            return
+        delta = other.mean - self.mean
+        self.mean = self.mean + delta * (other.count / total)
+        self.m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / total)
+        self.count = total
+
+    def normalize(self, ema: torch.Tensor, eps: float) -> torch.Tensor:
+        """(E - mu) / max(sigma, eps) per bin."""
+        mean = self.mean.to(ema.device, ema.dtype)
+        std = self.var.sqrt().clamp_min(eps).to(ema.device, ema.dtype)
+        return (ema - mean) / std
+
+    def copy(self) -> RunningStats:
+        return RunningStats(self.n_bins, self.count, self.mean.clone(), self.m2.clone())
+
+
+def recency_embedding(
+    positions: torch.Tensor, dim: int, max_freq: float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Sinusoidal embedding of each token's age r = p_newest - p, (kv_heads, cache_len, dim).
+
+    emb(r) = [sin(r w_0 .. r w_{d/2-1}), cos(...)], w_i = max_freq ** (-i / (d / 2)); the newest
+    token has r = 0. Computed in float64 so large ages stay exact, returned as ``dtype``.
+    """
+    half = dim // 2
+    age = (positions[..., -1:] - positions).to(torch.float64)  # (kv_heads, cache_len)
+    freqs = max_freq ** (-torch.arange(half, dtype=torch.float64, device=positions.device) / max(half, 1))
+    angles = age[..., None] * freqs  # (kv_heads, cache_len, half)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).to(dtype)
+
+
+def token_features(
+    ema: torch.Tensor,
+    positions: torch.Tensor,
+    config: FeatureConfig,
+    stats: RunningStats | None,
+) -> torch.Tensor:
+    """The NAMM input z = [recency (recency_dim), normalised EMA (n_bins)], (kv_heads, cache_len, dim).
+
+    ema: (kv_heads, cache_len, n_bins); positions: (kv_heads, cache_len) absolute, newest last.
+    Without statistics (an uncalibrated NAMM) the EMA is used as is.
+    """
+    spectrum = ema if stats is None else stats.normalize(ema, config.norm_eps)
+    recency = recency_embedding(positions.to(ema.device), config.recency_dim, config.recency_max_freq, ema.dtype)
+    return torch.cat([recency, spectrum], dim=-1)
+
+
+__all__ = [
+    "FeatureConfig",
+    "RunningStats",
+    "StreamingSpectrogram",
+    "recency_embedding",
+    "token_features",
+]

@@ -1,0 +1,221 @@
+"""The NAMM object: configuration, flat parameter vector, frozen normalisation, save and load.
+
+A Neural Attention Memory Model (Cetin et al., "An Evolved Universal Transformer Memory", arXiv
+2410.13166) is a small network shared by every layer and KV head of a transformer. It scores
+each cached token from the attention the token received (see ``features``) and the tokens that
+score below zero are evicted (see ``selection``). What is stored is tiny: a config, one flat
+parameter vector (4172 floats for the released BAM) and 17 per-bin normalisation statistics.
+
+On disk a NAMM is a folder with ``config.json`` and ``namm.safetensors`` (tensors ``params`` and,
+once calibrated, ``norm.count``, ``norm.mean``, ``norm.m2``). Pretrained NAMMs shipped with the
+package live in ``namm/pretrained/<name>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from namm.memory.features import FeatureConfig, RunningStats, token_features
+from namm.memory.scoring import FlatScorer, ScorerConfig, build_scorer
+
+log = logging.getLogger(__name__)
+
+PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "namm.safetensors"
+FORMAT = "namm"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class NAMMConfig:
+    """Everything that defines a NAMM besides its parameters.
+
+    delay / chunk_size: eviction period and prefill chunk the NAMM was evolved with (512 / 128
+                        in the reference); the engine should run it with the same values.
+    threshold:          keep rule score >= threshold (reference: 0).
+    max_cache:          optional cap on tokens kept per layer (reference: none).
+    evolved_on:         the model id the NAMM was evolved on (informational).
+    """
+
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    delay: int = 512
+    chunk_size: int = 128
+    threshold: float = 0.0
+    max_cache: int | None = None
+    evolved_on: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.features, dict):
+            object.__setattr__(self, "features", _from_dict(FeatureConfig, self.features, "features"))
+        if isinstance(self.scorer, dict):
+            object.__setattr__(self, "scorer", _from_dict(ScorerConfig, self.scorer, "scorer"))
+        for name in ("delay", "chunk_size"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value > 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.max_cache is not None and not (isinstance(self.max_cache, int) and self.max_cache > 0):
+            raise ValueError(f"max_cache must be a positive integer or None, got {self.max_cache!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NAMMConfig:
+        return _from_dict(cls, data, "NAMM config")
+
+
+def _from_dict(cls: type, data: dict[str, Any], what: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"Unknown {what} keys {unknown}; known keys: {sorted(known)}.")
+    return cls(**data)
+
+
+class NAMM:
+    """A Neural Attention Memory Model: config + scorer parameters + frozen feature statistics.
+
+    Parameters
+    ----------
+    config : NAMMConfig, optional
+        Feature, scorer and schedule hyperparameters (defaults: the released NAMM-BAM).
+    params : torch.Tensor, optional
+        Flat parameter vector in the reference layout; zeros (keep every token) when omitted.
+    norm : RunningStats, optional
+        Frozen per-bin statistics of the EMA spectrogram; None until calibrated, in which case
+        the EMA enters the scorer un-normalised.
+    """
+
+    def __init__(self, config: NAMMConfig | None = None, params: torch.Tensor | None = None,
+                 norm: RunningStats | None = None) -> None:
+        self.config = config or NAMMConfig()
+        self.scorer: FlatScorer = build_scorer(self.config.scorer, self.config.features.feature_dim)
+        if params is not None:
+            self.set_flat(params)
+        if norm is not None and norm.n_bins != self.config.features.n_bins:
+            raise ValueError(f"norm has {norm.n_bins} bins, the features have {self.config.features.n_bins}.")
+        self.norm = norm
+
+    def __repr__(self) -> str:
+        cfg = self.config
+        return (f"NAMM(scorer={cfg.scorer.kind}, params={self.num_params}, "
+                f"calibrated={self.norm is not None}, evolved_on={cfg.evolved_on!r})")
+
+    # ---- parameters -------------------------------------------------------------------------
+    @property
+    def num_params(self) -> int:
+        return self.scorer.num_params
+
+    def get_flat(self) -> torch.Tensor:
+        return self.scorer.get_flat()
+
+    def set_flat(self, vec: torch.Tensor) -> None:
+        vec = torch.as_tensor(vec)
+        if vec.numel() == self.num_params and not torch.isfinite(vec).all():
+            raise ValueError("NAMM parameters contain NaN or inf values.")
+        self.scorer.set_flat(vec)
+
+    def with_params(self, vec: torch.Tensor) -> NAMM:
+        """A NAMM with the same config and statistics and new parameters (for evolution)."""
+        return NAMM(self.config, vec, self.norm)
+
+    def with_norm(self, norm: RunningStats | None) -> NAMM:
+        """A NAMM with the same config and parameters and new (frozen) statistics."""
+        return NAMM(self.config, self.get_flat(), None if norm is None else norm.copy())
+
+    def with_config(self, **changes: Any) -> NAMM:
+        """A NAMM with some top-level config fields changed (e.g. max_cache); same scorer."""
+        config = replace(self.config, **changes)
+        if config.scorer != self.config.scorer or config.features != self.config.features:
+            raise ValueError("with_config cannot change the scorer or the features of a trained NAMM.")
+        return NAMM(config, self.get_flat(), self.norm)
+
+    # ---- inference --------------------------------------------------------------------------
+    def features(self, ema: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Token features (kv_heads, cache_len, feature_dim) from the EMA spectrogram and positions."""
+        return token_features(ema, positions, self.config.features, self.norm)
+
+    def score(self, ema: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Scores (kv_heads, cache_len) of one layer's cached tokens; >= threshold means keep."""
+        z = self.features(ema, positions)
+        if self.scorer.flat.device != z.device:
+            self.scorer.to(device=z.device)
+        return self.scorer(z)
+
+    # ---- save / load ------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``namm.safetensors`` into ``directory`` (created if needed)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {"params": self.get_flat().cpu().contiguous()}
+        if self.norm is not None:
+            tensors["norm.count"] = torch.tensor([self.norm.count], dtype=torch.float64)
+            tensors["norm.mean"] = self.norm.mean.contiguous()
+            tensors["norm.m2"] = self.norm.m2.contiguous()
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "num_params": self.num_params,
+                "calibrated": self.norm is not None, **self.config.to_dict()}
+        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path) -> NAMM:
+        """Load a NAMM folder, or a pretrained NAMM shipped in ``namm/pretrained/<name>``."""
+        from namm.memory.checkpoint import read_pretrained
+
+        config, params, norm = read_pretrained(resolve_pretrained(name_or_path))
+        return cls(config, params, norm)
+
+    @classmethod
+    def from_reference(cls, path: str | Path, config: NAMMConfig | None = None, key: str | None = None,
+                       norm: RunningStats | None = None) -> NAMM:
+        """Load a flat parameter vector in the reference layout from a .pt / .safetensors / .npy file.
+
+        ``key`` picks a tensor inside a checkpoint dict (nested keys joined by '.'); without it the
+        only 1-D tensor of the right size is used (preferring one named '...mean', the CMA-ES mean
+        the reference evaluates with).
+        """
+        from namm.memory.checkpoint import read_reference_vector
+
+        config = config or NAMMConfig()
+        expected = build_scorer(config.scorer, config.features.feature_dim).num_params
+        return cls(config, read_reference_vector(Path(path), expected, key), norm)
+
+
+def available_pretrained() -> list[str]:
+    """Names of the pretrained NAMMs shipped with the package."""
+    if not PRETRAINED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / CONFIG_FILE).is_file())
+
+
+def resolve_pretrained(name_or_path: str | Path) -> Path:
+    """The folder of a NAMM given as a path or as the name of a shipped pretrained NAMM."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    shipped = PRETRAINED_DIR / str(name_or_path)
+    if not path.is_absolute() and shipped.is_dir():
+        return shipped
+    if path.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} is a file, not a NAMM folder; a bare parameter vector (.pt/.safetensors/.npy) "
+            "loads with NAMM.from_reference(path)."
+        )
+    names = ", ".join(available_pretrained()) or "none installed"
+    raise FileNotFoundError(
+        f"No NAMM at {str(name_or_path)!r}: not a folder, and not a pretrained name (available: {names})."
+    )
+
+
+__all__ = ["NAMM", "NAMMConfig", "PRETRAINED_DIR", "available_pretrained", "resolve_pretrained"]

@@ -1,0 +1,62 @@
+"""Which tokens a NAMM keeps, given its scores.
+
+Threshold selection (the released ``BinarySelection``; Cetin et al., arXiv 2410.13166, section
+3.3; namm-algorithm.md section 4): a token is kept when its score is >= 0, the newest token is
+always kept, and so the cache stays a dense tensor every KV head of a layer keeps the same number
+of tokens, the *largest* per-head count of non-negative scores (heads with fewer also keep their
+best negative-score tokens). An optional ``max_cache`` first restricts each head to its top
+``max_cache`` scores. Budget selection keeps a fixed top-k instead, for matched-size comparisons.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def topk_indices(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Top ``n_keep`` per head, ascending; ties towards the older token (see namm.policies.base)."""
+    from namm.policies.base import topk_indices as topk  # lazy: namm.policies imports this module
+
+    return topk(scores, n_keep)
+
+
+def _prepare(scores: torch.Tensor) -> torch.Tensor:
+    """Copy of ``scores`` (kv_heads, cache_len) with NaNs dropped and the newest token forced in."""
+    if scores.dim() != 2 or scores.shape[-1] == 0:
+        raise ValueError(f"scores must be (kv_heads, cache_len) with cache_len > 0, got {tuple(scores.shape)}.")
+    scores = torch.nan_to_num(scores.detach().float(), nan=float("-inf"))
+    scores[:, -1] = float("inf")
+    return scores
+
+
+def threshold_select(
+    scores: torch.Tensor, threshold: float = 0.0, max_cache: int | None = None
+) -> torch.Tensor:
+    """Indices to keep, (kv_heads, n_keep) ascending, n_keep = max_h #(s_h >= threshold).
+
+    scores:    (kv_heads, cache_len), tokens in chronological order (newest last).
+    threshold: keep rule s >= threshold (the reference uses 0).
+    max_cache: if set and cache_len > max_cache, only each head's top-``max_cache`` tokens are
+               candidates, so at most ``max_cache`` tokens are kept.
+    """
+    if max_cache is not None and not (isinstance(max_cache, int) and max_cache >= 1):
+        raise ValueError(f"max_cache must be a positive number of tokens or None, got {max_cache!r}.")
+    scores = _prepare(scores)
+    n_tokens = scores.shape[-1]
+    if max_cache is not None and n_tokens > max_cache:
+        candidates = topk_indices(scores, max_cache)  # (kv_heads, max_cache)
+        capped = torch.full_like(scores, float("-inf"))
+        scores = capped.scatter(1, candidates, scores.gather(1, candidates))
+    n_below = (scores < threshold).sum(dim=-1)  # (kv_heads,)
+    n_keep = n_tokens - int(n_below.min().item())
+    return topk_indices(scores, n_keep)
+
+
+def budget_select(scores: torch.Tensor, budget: int) -> torch.Tensor:
+    """Each head's top-``budget`` tokens (newest always in), (kv_heads, min(budget, cache_len))."""
+    if budget < 1:
+        raise ValueError(f"budget must be a positive number of tokens, got {budget!r}.")
+    return topk_indices(_prepare(scores), budget)
+
+
+__all__ = ["budget_select", "threshold_select"]

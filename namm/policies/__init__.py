@@ -1,0 +1,61 @@
+"""KV-cache memory policies: the NAMM and the hand-designed baselines, behind one interface.
+
+``make_policy(name, **kwargs)`` builds a policy from its registered name; each module registers
+its class in ``POLICIES`` below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from namm.policies.base import BudgetMixin, CacheSpec, MemoryPolicy, topk_indices
+from namm.policies.full import FullCache
+from namm.policies.h2o import H2O
+from namm.policies.l2 import KeyNorm
+from namm.policies.namm import NAMMPolicy
+from namm.policies.pyramidkv import PyramidKV
+from namm.policies.random import RandomPolicy
+from namm.policies.snapkv import SnapKV
+from namm.policies.streaming import Recency, StreamingLLM
+from namm.policies.tova import TOVA
+
+POLICIES: dict[str, type[MemoryPolicy]] = {
+    "full": FullCache,
+    "streaming": StreamingLLM,
+    "recency": Recency,
+    "random": RandomPolicy,
+    "h2o": H2O,
+    "l2": KeyNorm,
+    "snapkv": SnapKV,
+    "tova": TOVA,
+    "pyramidkv": PyramidKV,
+    "namm": NAMMPolicy,
+}
+
+
+def make_policy(name: str, **kwargs: Any) -> MemoryPolicy:
+    """Build the policy registered under ``name``; unknown names list the known ones."""
+    key = name.lower().replace("_", "-")
+    if key not in POLICIES:
+        known = ", ".join(sorted(POLICIES))
+        raise ValueError(f"Unknown policy {name!r}. Known policies: {known}.")
+    return POLICIES[key](**kwargs)
+
+
+__all__ = [
+    "H2O",
+    "POLICIES",
+    "TOVA",
+    "BudgetMixin",
+    "CacheSpec",
+    "FullCache",
+    "KeyNorm",
+    "MemoryPolicy",
+    "PyramidKV",
+    "RandomPolicy",
+    "Recency",
+    "SnapKV",
+    "StreamingLLM",
+    "make_policy",
+    "topk_indices",
+]

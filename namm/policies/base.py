@@ -1,0 +1,116 @@
+"""The memory-policy interface every KV-cache method implements.
+
+A policy is stateful per sequence. The engine calls, for every layer it manages:
+
+* ``observe(layer, attn, keys, positions)`` after each forward call (a prefill chunk or one
+  decoded token), with the layer's cache *including* the tokens of this call;
+* ``select(layer)`` at an eviction step, which returns the indices of the cached tokens to keep.
+
+The policy prunes its own per-token state with the indices it returns, so its state always lines
+up with the cache the engine holds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a policy knows about the model whose cache it manages.
+
+    managed_layers: the layer indices the policy observes and prunes (sliding-window layers of
+    models such as Gemma-3 keep their own window and are not handed to the policy).
+    """
+
+    num_layers: int
+    managed_layers: tuple[int, ...]
+    kv_heads: int
+    head_dim: int
+
+
+class MemoryPolicy:
+    """Base class of every KV-cache policy.
+
+    Subclasses set ``needs_attention = True`` when ``observe`` must receive attention weights
+    (the engine then computes eager attention for managed layers; otherwise ``attn`` is None and
+    the engine uses a fused kernel).
+    """
+
+    needs_attention: bool = False
+    name: str = "policy"
+
+    def reset(self, spec: CacheSpec) -> None:
+        """Start a new sequence: drop all per-sequence state."""
+        self.spec = spec
+
+    def observe(
+        self,
+        layer: int,
+        attn: torch.Tensor | None,
+        keys: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        """See one layer after a forward call.
+
+        attn:      (kv_heads, new_queries, cache_len) float32 softmax probabilities of this call's
+                   queries over the whole cache, query heads averaged per KV group; zeros where a
+                   key is in the causal future of a query. None unless ``needs_attention``.
+        keys:      (kv_heads, cache_len, head_dim) cached keys (after RoPE), new tokens last.
+        positions: (kv_heads, cache_len) int64 absolute position of each cached token.
+        """
+
+    def select(self, layer: int) -> torch.Tensor | None:
+        """Indices to keep, (kv_heads, n_keep) int64, ascending per head, the same count for
+        every head; or None to keep everything. Called only at eviction steps."""
+        return None
+
+
+@dataclass
+class BudgetMixin:
+    """Shared budget arithmetic for fixed-size policies.
+
+    budget:     tokens kept per layer at each eviction step.
+    keep_ratio: fraction of the tokens seen so far kept per layer (used when budget is None).
+    """
+
+    budget: int | None = None
+    keep_ratio: float | None = None
+
+    def check_budget(self) -> None:
+        if self.budget is None and self.keep_ratio is None:
+            raise ValueError(f"{type(self).__name__} needs a budget (tokens) or a keep_ratio (0-1].")
+        if self.budget is not None and self.keep_ratio is not None:
+            raise ValueError(f"{type(self).__name__}: give budget or keep_ratio, not both.")
+        if self.budget is not None and (not isinstance(self.budget, int) or self.budget <= 0):
+            raise ValueError(f"budget must be a positive number of tokens, got {self.budget!r}.")
+        if self.keep_ratio is not None and not (0.0 < float(self.keep_ratio) <= 1.0):
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}.")
+
+    def n_keep(self, tokens_seen: int, cache_len: int) -> int:
+        """How many tokens to keep now, never more than the cache holds."""
+        if self.budget is not None:
+            target = self.budget
+        else:
+            target = math.ceil(float(self.keep_ratio) * tokens_seen)
+        return max(1, min(cache_len, target))
+
+
+def topk_indices(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Top ``n_keep`` entries per head of ``scores`` (kv_heads, cache_len), returned ascending.
+
+    Use +inf in ``scores`` to force a token in (sinks, recent window). Ties break towards the
+    lower index so results are deterministic.
+    """
+    n_keep = min(n_keep, scores.shape[-1])
+    # stable descending sort: equal scores keep their chronological order
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return order[..., :n_keep].sort(dim=-1).values
+
+
+def tokens_seen(positions: torch.Tensor) -> int:
+    """Tokens processed so far, from the absolute positions of the cache (newest last)."""
+    return int(positions[..., -1].max().item()) + 1

@@ -1,0 +1,193 @@
+"""One sequence run under a memory policy: the cache, absolute positions, the eviction schedule.
+
+:class:`MemorySequence` feeds tokens through the model in chunks, keeps per-layer absolute
+positions of every cached token, calls the policy after each forward call and, at eviction steps,
+gathers every managed layer's keys and values down to the indices the policy keeps. The cache
+tensors really shrink: each layer holds ``(1, kv_heads, n_keep, head_dim)``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from namm.attention import ATTN_IMPLEMENTATION, LayerHook
+from namm.policies.base import CacheSpec, MemoryPolicy
+from namm.report import CacheMeter, MemoryReport
+
+
+@dataclass
+class EngineConfig:
+    """The schedule every policy runs on.
+
+    chunk_size: prefill chunk length in tokens (the reference uses 128).
+    delay: eviction period in tokens processed, prefill and decoding alike (reference 512).
+    evict_at_prefill_end: also evict once when the prompt is fully read, so budgets hold while
+        decoding (the reference NAMM only evicts on the ``delay`` grid; set False to match it).
+    record_evictions: keep, per eviction step, the absolute positions each layer kept (tests).
+    """
+
+    chunk_size: int = 128
+    delay: int = 512
+    evict_at_prefill_end: bool = True
+    record_evictions: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_size", "delay"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive number of tokens, got {value!r}.")
+
+
+def cache_spec(model) -> CacheSpec:
+    """Which layers a policy manages: all but those with their own sliding window."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n_layers = config.num_hidden_layers
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * n_layers
+    managed = tuple(i for i, t in enumerate(layer_types) if t == "full_attention")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return CacheSpec(num_layers=n_layers, managed_layers=managed, kv_heads=kv_heads, head_dim=head_dim)
+
+
+@contextmanager
+def namm_attention_installed(model):
+    """Route the model's attention through :func:`namm.attention.namm_attention` for a while."""
+    previous = model.config._attn_implementation
+    if previous != ATTN_IMPLEMENTATION:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    try:
+        yield
+    finally:
+        if previous != ATTN_IMPLEMENTATION:
+            model.set_attn_implementation(previous)
+
+
+class MemorySequence:
+    """The state of one sequence: feed tokens, get logits; the policy prunes on schedule."""
+
+    def __init__(self, model, policy: MemoryPolicy, config: EngineConfig):
+        self.model, self.policy, self.config = model, policy, config
+        self.spec = cache_spec(model)
+        self.device = next(model.parameters()).device
+        self.cache = DynamicCache(config=model.config)
+        self.seen = 0
+        self.positions: dict[int, torch.Tensor] = {
+            layer: torch.empty(self.spec.kv_heads, 0, dtype=torch.long, device=self.device)
+            for layer in self.spec.managed_layers
+        }
+        self.meter = CacheMeter(list(self.spec.managed_layers))
+        self.eviction_log: list[tuple[int, dict[int, torch.Tensor]]] = []
+        self.hook = LayerHook(
+            managed=frozenset(self.spec.managed_layers),
+            observe=self._observe,
+            need_attn=bool(policy.needs_attention),
+        )
+        policy.reset(self.spec)
+
+    # -- feeding -------------------------------------------------------------------------------
+    def feed(self, ids: torch.Tensor, all_logits: bool = False, end_of_prompt: bool = False) -> torch.Tensor:
+        """Run ``ids`` (1-D or (1, n)) through the model in scheduled chunks.
+
+        Returns logits (n, vocab) if ``all_logits`` else the last position's (vocab,).
+        """
+        ids = ids.reshape(-1).to(self.device)
+        outputs = []
+        for start, stop in list(self._chunks(ids.numel())):
+            logits = self._forward(ids[start:stop], all_logits)
+            outputs.append(logits)
+            if self.seen % self.config.delay == 0:
+                self.evict()
+        if end_of_prompt and self.config.evict_at_prefill_end and self.seen % self.config.delay != 0:
+            self.evict()
+        return torch.cat(outputs, dim=0) if all_logits else outputs[-1][-1]
+
+    def _chunks(self, n: int):
+        """Split points at absolute multiples of chunk_size and of delay."""
+        start, cfg, base = 0, self.config, self.seen
+        while start < n:
+            pos = base + start
+            to_chunk = cfg.chunk_size - pos % cfg.chunk_size
+            to_evict = cfg.delay - pos % cfg.delay
+            stop = min(n, start + to_chunk, start + to_evict)
+            yield start, stop
+            start = stop
+
+    def _forward(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        n = ids.numel()
+        pos = torch.arange(self.seen, self.seen + n, device=self.device)
+        for layer in self.positions:
+            self.positions[layer] = torch.cat([self.positions[layer], pos.expand(self.spec.kv_heads, n)], dim=1)
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=ids[None],
+                position_ids=pos[None],
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=0 if all_logits else 1,
+                namm_hook=self.hook,
+            )
+        self.seen += n
+        self.meter.after_forward(self.lengths(), n, self.seen)
+        return out.logits[0].float()
+
+    def _observe(self, layer: int, attn: torch.Tensor | None, keys: torch.Tensor) -> None:
+        positions = self.positions[layer]
+        if keys.shape[1] != positions.shape[1]:
+            raise RuntimeError(
+                f"layer {layer}: cache holds {keys.shape[1]} keys but {positions.shape[1]} positions are tracked; "
+                "the model's cache is not the engine's (is another cache or generate() in use?)"
+            )
+        self.policy.observe(layer, attn, keys, positions)
+
+    # -- eviction ------------------------------------------------------------------------------
+    def evict(self) -> None:
+        """Ask the policy which tokens each managed layer keeps and shrink the cache to them."""
+        kept: dict[int, torch.Tensor] = {}
+        for layer in self.spec.managed_layers:
+            idx = self.policy.select(layer)
+            if idx is None:
+                continue
+            idx = self._check_indices(layer, idx)
+            cache_layer = self.cache.layers[layer]
+            gather = idx[None, :, :, None].expand(1, -1, -1, cache_layer.keys.shape[-1])
+            cache_layer.keys = cache_layer.keys.gather(2, gather)
+            cache_layer.values = cache_layer.values.gather(2, gather)
+            self.positions[layer] = self.positions[layer].gather(1, idx)
+            kept[layer] = self.positions[layer]
+        self.meter.evictions += 1
+        if self.config.record_evictions:
+            self.eviction_log.append((self.seen, {k: v.clone() for k, v in kept.items()}))
+
+    def _check_indices(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
+        cache_len = self.positions[layer].shape[1]
+        name = type(self.policy).__name__
+        idx = idx.to(self.device, torch.long)
+        if idx.dim() != 2 or idx.shape[0] != self.spec.kv_heads or idx.shape[1] == 0:
+            raise RuntimeError(
+                f"{name}.select({layer}) returned shape {tuple(idx.shape)}; expected (kv_heads={self.spec.kv_heads}, n_keep>0)."
+            )
+        if idx.min() < 0 or idx.max() >= cache_len or (idx.shape[1] > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all())):
+            raise RuntimeError(f"{name}.select({layer}) must return strictly ascending indices in [0, {cache_len}).")
+        return idx
+
+    # -- measurements --------------------------------------------------------------------------
+    def lengths(self) -> list[int]:
+        return [int(self.positions[layer].shape[1]) for layer in self.spec.managed_layers]
+
+    def report(self) -> MemoryReport:
+        kv_bytes = kv_full = 0
+        for i, cache_layer in enumerate(self.cache.layers):
+            if not getattr(cache_layer, "is_initialized", True) or cache_layer.keys is None:
+                continue
+            held = cache_layer.keys.numel() * cache_layer.keys.element_size() * 2
+            kv_bytes += held
+            if i in self.positions:
+                per_token = held // max(cache_layer.keys.shape[2], 1)
+                kv_full += per_token * self.seen
+            else:
+                kv_full += held
+        return self.meter.report(self.lengths(), self.seen, kv_bytes, kv_full)

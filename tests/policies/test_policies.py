@@ -1,0 +1,287 @@
+"""Every budget policy through the same checks (kvpress style).
+
+A small fake engine feeds each policy the calls the real engine makes (chunked prefill, then one
+token per decoding step, eviction every ``delay`` tokens and at the end of the prompt) with random
+keys and causal attention, and records the whole history by absolute position. Each policy's
+choice is then compared with its rule computed directly from that history.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from namm.policies import POLICIES, CacheSpec, make_policy, topk_indices
+from namm.policies.pyramidkv import pyramid_budgets
+
+SPEC = CacheSpec(num_layers=3, managed_layers=(0, 1, 2), kv_heads=2, head_dim=8)
+PROMPT, DECODE, CHUNK, DELAY = 150, 45, 32, 64
+
+
+@dataclass
+class Step:
+    """One eviction: the cache before it and the policy's choice, for one layer."""
+
+    layer: int
+    seen: int
+    positions: torch.Tensor  # (kv_heads, cache_len) absolute positions before eviction
+    keep: torch.Tensor  # (kv_heads, n_keep) indices returned by select
+    kept: torch.Tensor = field(init=False)  # (kv_heads, n_keep) absolute positions kept
+
+    def __post_init__(self) -> None:
+        self.kept = self.positions.gather(-1, self.keep)
+
+
+@dataclass
+class History:
+    attn: torch.Tensor  # (layers, kv_heads, tokens, tokens) every attention row fed, by position
+    norms: torch.Tensor  # (layers, kv_heads, tokens) key norm of every token
+    steps: list[Step]
+
+
+def call_sizes() -> list[int]:
+    """Tokens per forward call: prefill chunks split at multiples of CHUNK and DELAY, then 1s."""
+    cuts = sorted({*range(0, PROMPT, CHUNK), *range(0, PROMPT, DELAY), PROMPT})
+    return [b - a for a, b in zip(cuts, cuts[1:])] + [1] * DECODE
+
+
+def drive(policy, seed: int = 0) -> History:
+    gen = torch.Generator().manual_seed(seed)
+    total, heads, dim = PROMPT + DECODE, SPEC.kv_heads, SPEC.head_dim
+    layers = len(SPEC.managed_layers)
+    keys_all = torch.randn(layers, heads, total, dim, generator=gen) * torch.rand(layers, heads, total, 1, generator=gen)
+    history = History(torch.zeros(layers, heads, total, total), keys_all.norm(dim=-1), [])
+    positions = [torch.empty(heads, 0, dtype=torch.long) for _ in range(layers)]
+    policy.reset(SPEC)
+    seen = 0
+    for n in call_sizes():
+        new = torch.arange(seen, seen + n).expand(heads, -1)
+        for layer in range(layers):
+            pos = positions[layer] = torch.cat([positions[layer], new], dim=-1)
+            keys = keys_all[layer].gather(1, pos[..., None].expand(-1, -1, dim))
+            logits = torch.randn(heads, n, pos.shape[-1], generator=gen) * 3
+            causal = pos[:, None, :] <= new[:, :, None]
+            attn = logits.masked_fill(~causal, -math.inf).softmax(-1)
+            for h in range(heads):
+                history.attn[layer, h, seen : seen + n, pos[h]] = attn[h]
+            policy.observe(layer, attn if policy.needs_attention else None, keys, pos)
+        seen += n
+        if seen % DELAY == 0 or seen == PROMPT:
+            for layer in range(layers):
+                keep = policy.select(layer)
+                history.steps.append(Step(layer, seen, positions[layer], keep))
+                positions[layer] = positions[layer].gather(-1, keep)
+    return history
+
+
+# ---- each rule computed directly from the history: expected kept positions (kv_heads, n) ----
+
+
+def keep_top(positions: torch.Tensor, scores: torch.Tensor, n: int) -> torch.Tensor:
+    return positions.gather(-1, topk_indices(scores, n))
+
+
+def newest(positions: torch.Tensor, n: int) -> set[int]:
+    return set(positions[0, positions.shape[-1] - n :].tolist()) if n > 0 else set()
+
+
+def rule_streaming(h: History, s: Step, n: int, n_sink: int = 4) -> torch.Tensor:
+    sinks = [p for p in s.positions[0].tolist() if p < n_sink][:n]
+    kept = sorted(set(sinks) | newest(s.positions, n - len(sinks)))
+    return torch.tensor(kept).expand(SPEC.kv_heads, -1)
+
+
+def rule_h2o(h: History, s: Step, n: int) -> torch.Tensor:
+    received = h.attn[s.layer].sum(dim=1).gather(-1, s.positions)  # every query so far
+    n_recent = n // 2
+    received[:, s.positions.shape[-1] - n_recent :] = math.inf
+    return keep_top(s.positions, received, n)
+
+
+def rule_l2(h: History, s: Step, n: int) -> torch.Tensor:
+    return keep_top(s.positions, -h.norms[s.layer].gather(-1, s.positions), n)
+
+
+def rule_tova(h: History, s: Step, n: int) -> torch.Tensor:
+    latest = h.attn[s.layer, :, s.seen - 1].mean(0)[s.positions[0]]
+    return keep_top(s.positions, latest.expand(SPEC.kv_heads, -1), n)
+
+
+def rule_snapkv(h: History, s: Step, n: int, window: int = 8) -> torch.Tensor:
+    votes = h.attn[s.layer, :, max(0, s.seen - window) : s.seen].sum(1).gather(-1, s.positions)
+    w = min(window, n)
+    prefix = F.max_pool1d(votes[:, None, :-w], 5, stride=1, padding=2)[:, 0]
+    scores = torch.cat([prefix, torch.full((SPEC.kv_heads, w), math.inf)], -1)
+    return keep_top(s.positions, scores, n)
+
+
+def budget_of(kwargs: dict, seen: int) -> int:
+    return kwargs["budget"] if "budget" in kwargs else math.ceil(kwargs["keep_ratio"] * seen)
+
+
+def layer_budget(name: str, kwargs: dict, s: Step) -> int:
+    uniform = min(s.seen, budget_of(kwargs, s.seen))
+    if name == "pyramidkv":
+        uniform = pyramid_budgets(uniform, 8, 3, 20.0, s.seen)[s.layer]
+    return min(s.positions.shape[-1], uniform)
+
+
+# name -> (policy kwargs beyond the budget, rule or None, tokens that must stay)
+CASES = {
+    "streaming": ({}, rule_streaming, lambda s, n: {p for p in s.positions[0].tolist() if p < 4}),
+    "recency": ({}, lambda h, s, n: rule_streaming(h, s, n, n_sink=0), lambda s, n: newest(s.positions, n)),
+    "random": ({"seed": 3}, None, lambda s, n: {s.seen - 1}),
+    "h2o": ({}, rule_h2o, lambda s, n: newest(s.positions, n // 2)),
+    "l2": ({}, rule_l2, lambda s, n: set()),
+    "snapkv": ({"window": 8}, rule_snapkv, lambda s, n: newest(s.positions, min(8, n))),
+    "tova": ({}, rule_tova, lambda s, n: set()),
+    "pyramidkv": ({"window": 8}, rule_snapkv, lambda s, n: newest(s.positions, min(8, n))),
+}
+
+
+@pytest.mark.parametrize("budget", [{"budget": 40}, {"keep_ratio": 0.3}], ids=["budget", "keep_ratio"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_policy(name: str, budget: dict) -> None:
+    extra, rule, forced = CASES[name]
+    history = drive(make_policy(name, **budget, **extra))
+    assert [s.seen for s in history.steps[::3]] == [64, 128, PROMPT, 192]
+    for s in history.steps:
+        n = layer_budget(name, budget, s)
+        assert s.keep.shape == (SPEC.kv_heads, n), (s.layer, s.seen)
+        assert s.keep.dtype == torch.long and bool((s.keep.diff(dim=-1) > 0).all())
+        for head in s.kept.tolist():
+            assert forced(s, n) <= set(head), f"{name} dropped a sink/recent token at {s.seen}"
+        if rule is not None:
+            assert torch.equal(s.kept, rule(history, s, n)), f"{name} layer {s.layer} seen {s.seen}"
+    per_step = {}
+    for s in history.steps:
+        per_step[s.seen] = per_step.get(s.seen, 0) + s.keep.shape[-1]
+    for seen, total in per_step.items():  # pyramid redistributes, the total stays uniform
+        assert total == 3 * min(seen, budget_of(budget, seen))
+    again = drive(make_policy(name, **budget, **extra))
+    assert all(torch.equal(a.keep, b.keep) for a, b in zip(history.steps, again.steps))
+
+
+def test_registry_names() -> None:
+    for name in CASES:
+        assert POLICIES[name].name == name
+        assert make_policy(name.upper(), budget=8).name == name
+
+
+@pytest.mark.parametrize(
+    "budget, seen, beta, expected",
+    [(40, 64, 20, [64, 40, 16]),  # bottom capped at the 56 tokens seen beyond the window
+     (40, 128, 20, [70, 40, 10]),  # 62.4 / 32 / 1.6 beyond the window, rounded to sum 96
+     (40, 60, 20, [40, 40, 40]),  # fewer than 2 * (budget - window) seen: uniform
+     (40, 128, 1, [40, 40, 40]),  # beta 1: uniform
+     (6, 128, 20, [6, 6, 6])],  # budget within the window: uniform
+)
+def test_pyramid_budgets(budget: int, seen: int, beta: float, expected: list[int]) -> None:
+    assert pyramid_budgets(budget, 8, 3, beta, seen) == expected
+
+
+def test_pyramid_budgets_many_layers() -> None:
+    budgets = pyramid_budgets(1024, 32, 30, 20.0, 100_000)
+    assert sum(budgets) == 30 * 1024 and budgets == sorted(budgets, reverse=True)
+    assert budgets[-1] == 32 + round(992 / 20) and budgets[0] == 32 + round(2 * 992 - 992 / 20)
+
+
+def test_random_depends_on_seed() -> None:
+    a = drive(make_policy("random", budget=40, seed=0)).steps
+    b = drive(make_policy("random", budget=40, seed=1)).steps
+    assert any(not torch.equal(x.keep, y.keep) for x, y in zip(a, b))
+
+
+BUDGET_POLICIES = sorted(CASES)
+
+
+@pytest.mark.parametrize("name", BUDGET_POLICIES)
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"budget": 0}, {"budget": -3}, {"budget": 2.5}, {"keep_ratio": 0}, {"keep_ratio": 1.5},
+     {"budget": 10, "keep_ratio": 0.5}],
+)
+def test_bad_budget(name: str, kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="budget|keep_ratio"):
+        make_policy(name, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [("streaming", {"n_sink": -1}), ("h2o", {"recent_ratio": 1.5}), ("l2", {"n_recent": -1}),
+     ("snapkv", {"window": 0}), ("snapkv", {"kernel_size": 4}), ("snapkv", {"pooling": "mean"}),
+     ("pyramidkv", {"beta": 0.5}), ("random", {"seed": "x"})],
+)
+def test_bad_hyperparameters(name: str, kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        make_policy(name, budget=8, **kwargs)
+
+
+def test_h2o_accumulates_across_evictions_and_decoding() -> None:
+    """Token 1 wins on prefill attention alone, token 6 on decoding attention: both survive."""
+    spec = CacheSpec(num_layers=1, managed_layers=(0,), kv_heads=1, head_dim=2)
+    policy = make_policy("h2o", budget=4)
+    policy.reset(spec)
+
+    def call(positions: list[int], rows: list[list[float]]) -> None:
+        pos = torch.tensor([positions])
+        policy.observe(0, torch.tensor([rows]), torch.zeros(1, len(positions), 2), pos)
+
+    prefill = []
+    for q in range(8):  # token 1 draws most prefill attention, token 5 the next most
+        row = [0.0] * 8
+        if q <= 1:
+            row[q] = 1.0
+        elif q <= 5:
+            row[1], row[q] = 0.6, 0.4
+        else:
+            row[1], row[5], row[q] = 0.5, 0.35, 0.15
+        prefill.append(row)
+    call(list(range(8)), prefill)
+    assert policy.select(0).tolist() == [[1, 5, 6, 7]]  # heavy {1, 5} + recent {6, 7}
+    cache = [1, 5, 6, 7]
+    for token in (8, 9):  # decoding, one query per call: 0.9 on token 6
+        cache.append(token)
+        call(cache, [[0.9 if p == 6 else 0.1 / (len(cache) - 1) for p in cache]])
+    keep = policy.select(0)[0].tolist()
+    # 1 stays on its prefill score (4.4 vs 1.1 for token 5), 6 on its decoding score (1.95)
+    assert [cache[i] for i in keep] == [1, 6, 8, 9]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from namm.models import tiny_model
+
+    return tiny_model("llama", seed=0, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("budget", [{"budget": 40}, {"keep_ratio": 0.25}], ids=["budget", "keep_ratio"])
+@pytest.mark.parametrize("name", BUDGET_POLICIES)
+def test_policy_under_engine(tiny_llama, name: str, budget: dict) -> None:
+    """300-token prompt, delay 64, chunk 32, then 40 decoded tokens: every eviction keeps the
+    budget arithmetic, and the engine's report measures it."""
+    from namm.engine import Engine, EngineConfig
+
+    model, tok = tiny_llama
+    engine = Engine(model, tok, config=EngineConfig(chunk_size=32, delay=64, record_evictions=True))
+    prompt = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(0))
+    layers = len(SPEC.managed_layers)
+    with engine.running():
+        seq = engine.start(make_policy(name, **budget))
+        logits = seq.feed(prompt, end_of_prompt=True)
+        for _ in range(40):
+            logits = seq.feed(logits.argmax()[None])
+    assert [seen for seen, _ in seq.eviction_log] == [64, 128, 192, 256, 300, 320]
+    for seen, kept in seq.eviction_log:
+        sizes = [kept[layer].shape[-1] for layer in range(layers)]
+        assert sum(sizes) == layers * min(seen, budget_of(budget, seen)), (seen, sizes)
+        if name != "pyramidkv":
+            assert set(sizes) == {min(seen, budget_of(budget, seen))}
+    report = seq.report()
+    assert report.tokens_seen == 340 and report.evictions == 6
+    assert sum(report.final_len) == layers * (budget_of(budget, 320) + 20)
+    assert report.kept_fraction == pytest.approx(sum(report.final_len) / (layers * 340))
