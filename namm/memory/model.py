@@ -14,7 +14,6 @@ package live in ``namm/pretrained/<name>/``.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,6 @@ import torch
 
 from namm.memory.features import FeatureConfig, RunningStats, token_features
 from namm.memory.scoring import FlatScorer, ScorerConfig, build_scorer
-
-log = logging.getLogger(__name__)
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 CONFIG_FILE = "config.json"

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from namm.policies.base import CacheSpec
 from namm.policies.streaming import RankedPolicy, pad_to, protect
 
 
@@ -28,7 +29,7 @@ class H2O(RankedPolicy):
         if not 0.0 <= float(self.recent_ratio) <= 1.0:
             raise ValueError(f"recent_ratio must be in [0, 1], got {self.recent_ratio!r}.")
 
-    def reset(self, spec) -> None:
+    def reset(self, spec: CacheSpec) -> None:
         super().reset(spec)
         self._acc: dict[int, torch.Tensor] = {}  # layer -> (kv_heads, cache_len) attention received
 

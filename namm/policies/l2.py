@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from namm.policies.base import CacheSpec
 from namm.policies.streaming import RankedPolicy, protect
 
 
@@ -33,7 +34,7 @@ class KeyNorm(RankedPolicy):
                 raise ValueError(f"{field} must be a non-negative number of tokens, got {value!r}.")
         self.skip_layers = tuple(int(layer) for layer in self.skip_layers)
 
-    def reset(self, spec) -> None:
+    def reset(self, spec: CacheSpec) -> None:
         super().reset(spec)
         self._norms: dict[int, torch.Tensor] = {}  # layer -> (kv_heads, cache_len)
 

@@ -67,6 +67,11 @@ class NAMMPolicy(MemoryPolicy):
             BudgetMixin.check_budget(self)  # type: ignore[arg-type]
         self.stats = RunningStats(self.namm.config.features.n_bins)
 
+    @property
+    def schedule(self) -> dict[str, int]:
+        """Engine overrides the NAMM was evolved with: ``Engine(model, tok, policy, **policy.schedule)``."""
+        return {"chunk_size": self.namm.config.chunk_size, "delay": self.namm.config.delay}
+
     def reset(self, spec: CacheSpec) -> None:
         super().reset(spec)
         self.spectrogram = StreamingSpectrogram(self.namm.config.features)

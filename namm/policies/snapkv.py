@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from namm.policies.base import CacheSpec
 from namm.policies.streaming import RankedPolicy, pad_to
 
 
@@ -36,7 +37,7 @@ class SnapKV(RankedPolicy):
         if self.pooling not in ("max", "avg"):
             raise ValueError(f"pooling must be 'max' or 'avg', got {self.pooling!r}.")
 
-    def reset(self, spec) -> None:
+    def reset(self, spec: CacheSpec) -> None:
         super().reset(spec)
         self._votes: dict[int, torch.Tensor] = {}  # layer -> (kv_heads, <= window, cache_len)
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from namm.policies.base import CacheSpec
 from namm.policies.streaming import RankedPolicy
 
 
@@ -19,7 +20,7 @@ class TOVA(RankedPolicy):
     needs_attention = True
     name = "tova"
 
-    def reset(self, spec) -> None:
+    def reset(self, spec: CacheSpec) -> None:
         super().reset(spec)
         self._latest: dict[int, torch.Tensor] = {}  # layer -> (cache_len,) latest query's attention
 

@@ -94,3 +94,9 @@ def test_calibration_collects_frozen_stats(tiny_llama, tmp_path) -> None:
     namm.save_pretrained(tmp_path)
     out = engine.generate(prompts[0], max_new_tokens=5, policy=NAMMPolicy(str(tmp_path)))
     assert out.report.kept_fraction == 1.0  # zero params still keep everything once calibrated
+
+
+def test_schedule_comes_from_the_namm() -> None:
+    policy = NAMMPolicy(NAMM(NAMMConfig(delay=256, chunk_size=64)))
+    assert policy.schedule == {"chunk_size": 64, "delay": 256}
+    assert EngineConfig(**policy.schedule).delay == 256

@@ -1,0 +1,60 @@
+"""``namm calibrate``: collect and freeze a NAMM's feature normalisation for a model.
+
+The NAMM's spectrogram features are normalised per frequency bin with statistics gathered once
+from keep-all runs of the model (namm-algorithm.md section 5, "synchronised buffers"). This
+command runs those keep-all prompts and writes a loadable NAMM checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from namm.commands.common import add_engine_args, add_model_args, engine_config_from_args, model_from_args
+from namm.engine import Engine, EngineConfig
+from namm.memory import NAMM, NAMMConfig
+from namm.memory.calibration import calibrate
+from namm.policies.namm import load_namm
+from namm.tasks import load_task
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="collect and freeze a NAMM's normalisation statistics",
+                       description="Run keep-all prompts and store the NAMM's per-bin feature statistics.")
+    p.add_argument("--out", required=True, help="folder to write the calibrated NAMM to")
+    p.add_argument("--namm", default=None, help="start from this NAMM (folder, pretrained name or vector file); "
+                   "default: a zero-initialised NAMM (keeps every token)")
+    p.add_argument("--tasks", default="passkey,niah_multikey", help="comma-separated task names for the prompts")
+    p.add_argument("--lengths", default="1024", help="comma-separated prompt lengths in tokens (synthetic tasks)")
+    p.add_argument("--samples", type=int, default=4, help="prompts per task and length")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--perturb", type=float, default=0.0,
+                   help="add N(0, PERTURB^2) noise to the parameters (e.g. 0.5 for a random NAMM that evicts)")
+    add_model_args(p)
+    add_engine_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model, tokenizer = model_from_args(args)
+    namm = load_namm(args.namm) if args.namm else NAMM(NAMMConfig(evolved_on=args.model))
+    if args.perturb:
+        gen = torch.Generator().manual_seed(args.seed)
+        noise = torch.randn(namm.num_params, generator=gen, dtype=torch.float64).float() * args.perturb
+        namm = namm.with_params(namm.get_flat() + noise)
+    schedule = EngineConfig(chunk_size=namm.config.chunk_size, delay=namm.config.delay)
+    engine = Engine(model, tokenizer, config=engine_config_from_args(args, schedule))
+    prompts = []
+    for task in [t for t in args.tasks.split(",") if t]:
+        for length in [int(x) for x in args.lengths.split(",") if x]:
+            samples = load_task(task, tokenizer, length=length, n=args.samples, seed=args.seed, split="train")
+            prompts.extend(s.prompt for s in samples)
+    namm = namm.with_config(chunk_size=engine.config.chunk_size, delay=engine.config.delay)
+    namm = calibrate(engine, namm, prompts, progress=not args.quiet)
+    path = namm.save_pretrained(args.out)
+    print(f"calibrated NAMM on {len(prompts)} prompts -> {path}")
+    return 0

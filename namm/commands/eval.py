@@ -1,0 +1,79 @@
+"""``namm eval``: compare KV-cache methods on tasks, lengths and cache budgets, resumably.
+
+Example::
+
+    namm eval --model smollm2 --tasks passkey,niah_multikey --lengths 1024,2048 \\
+        --methods full,streaming,h2o,l2 --keep-ratios 0.25,0.5 --limit 5 --out runs/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from namm.commands.common import add_engine_args, add_model_args
+from namm.evaluation import EvalConfig, run_evaluation
+from namm.policies import POLICIES
+from namm.tasks import FILLERS, SYNTHETIC_TASKS
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(item) for item in text.split(",") if item.strip()]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from exc
+
+    return parse
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="methods x tasks x lengths x budgets -> results table and plot",
+        description="Evaluate KV-cache methods on one model. Finished rows are kept in OUT/rows.jsonl "
+                    "and skipped when the same command runs again.",
+    )
+    p.add_argument("--tasks", type=_csv(str), default=["passkey"],
+                   help=f"comma-separated: synthetic ({', '.join(SYNTHETIC_TASKS)}), longbench:<task>, "
+                        "infinitebench:<task>, choubun:<task>, or .jsonl paths")
+    p.add_argument("--lengths", type=_csv(int), default=[2048],
+                   help="prompt lengths in tokens (synthetic tasks are generated at each; benchmark prompts "
+                        "are middle-truncated to each)")
+    p.add_argument("--methods", type=_csv(str), default=["full"], help=f"comma-separated: {', '.join(POLICIES)}")
+    p.add_argument("--keep-ratios", type=_csv(float), default=[], help="fractions of tokens kept, e.g. 0.25,0.5")
+    p.add_argument("--budgets", type=_csv(int), default=[],
+                   help="tokens kept per layer; for namm, caps on its emergent cache")
+    p.add_argument("--limit", type=int, default=5, help="samples per task and length")
+    p.add_argument("--out", default="eval-results", help="output folder (rows.jsonl, results.*)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic samples")
+    p.add_argument("--split", choices=("train", "test"), default="test", help="synthetic split (default: held-out test)")
+    p.add_argument("--filler", choices=FILLERS, default="prose", help="haystack of the synthetic tasks")
+    p.add_argument("--namm", default=None, help="NAMM checkpoint folder or pretrained name (method 'namm')")
+    p.add_argument("--data-dir", default=None, help="folder of <task>.jsonl files for benchmark tasks (offline)")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template (default: raw, as LongBench)")
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bar")
+    add_model_args(p)
+    add_engine_args(p)
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    return EvalConfig(
+        model=args.model, tasks=args.tasks, lengths=args.lengths, methods=[m.lower() for m in args.methods],
+        keep_ratios=args.keep_ratios, budgets=args.budgets, limit=args.limit, out=args.out, seed=args.seed,
+        split=args.split, filler=args.filler, chunk_size=args.chunk_size or 128, delay=args.delay or 512,
+        evict_at_prefill_end=not args.no_evict_at_prefill_end, namm=args.namm, data_dir=args.data_dir,
+        chat=args.chat, dtype=args.dtype, device=args.device,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    for method in config.methods:
+        if method not in POLICIES:
+            raise ValueError(f"Unknown method {method!r}; known: {', '.join(POLICIES)}.")
+    run_evaluation(config, progress=not getattr(args, "quiet", False))
+    out = Path(config.out)
+    print((out / "results.md").read_text(encoding="utf-8"))
+    print(f"Wrote {out / 'results.csv'}, results.json, results.md, results.png and rows.jsonl in {out}.")
+    return 0

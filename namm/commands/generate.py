@@ -1,0 +1,62 @@
+"""``namm generate``: answer a prompt under a memory policy and report the cache it kept."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from namm.commands.common import (add_engine_args, add_model_args, add_policy_args, engine_config_from_args,
+                                  model_from_args, policy_from_args, policy_schedule, read_prompt)
+from namm.engine import Engine
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate under a memory policy and print a memory report",
+                       description="Read a prompt (argument, --file, or stdin) and generate under a KV-cache policy.")
+    p.add_argument("prompt", nargs="?", help="the prompt, or the question when --file gives the document")
+    p.add_argument("--file", help="read the prompt (a document) from this file; PROMPT is appended after it")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    chat = p.add_mutually_exclusive_group()
+    chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="use the chat template")
+    chat.add_argument("--no-chat", dest="chat", action="store_false", help="raw prompt, no chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_model_args(p)
+    add_policy_args(p)
+    add_engine_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    prompt = read_prompt(args.prompt, args.file)
+    policy = policy_from_args(args)
+    model, tokenizer = model_from_args(args)
+    engine = Engine(model, tokenizer, policy=policy, config=engine_config_from_args(args, policy_schedule(policy)))
+    out = engine.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                          temperature=args.temperature, top_p=args.top_p, stop=args.stop, chat=args.chat,
+                          seed=args.seed)
+    r = out.report
+    if args.json:
+        json.dump({"text": out.text, "policy": args.policy, "model": args.model, "prompt_tokens": out.prompt_tokens,
+                   "new_tokens": len(out.token_ids), "finish_reason": out.finish_reason,
+                   "memory": r.to_dict(), "timings": out.timings}, sys.stdout, indent=2)
+        print()
+        return 0
+    print(out.text.strip())
+    print()
+    print(f"--- memory ({args.policy}) ---")
+    kept_tokens = sum(r.final_len) / max(len(r.final_len), 1)
+    print(f"tokens seen      {r.tokens_seen} ({out.prompt_tokens} prompt + {len(out.token_ids)} generated)")
+    print(f"tokens kept      {kept_tokens:.0f} per layer = {r.kept_fraction:.1%} (mean {r.mean_fraction:.1%}, "
+          f"peak {r.peak_fraction:.1%}); {r.evictions} eviction steps")
+    print(f"KV cache         {r.kv_bytes / 2**20:.2f} MiB kept vs {r.kv_bytes_full / 2**20:.2f} MiB full "
+          f"({r.kv_bytes / max(r.kv_bytes_full, 1):.1%})")
+    t = out.timings
+    print(f"time             {t['total_s']:.1f} s (prefill {t['prefill_s']:.1f} s, decode {t['decode_s']:.1f} s, "
+          f"{t['tokens_per_s']:.0f} tokens/s)")
+    return 0
