@@ -1,0 +1,117 @@
+"""Turn evaluation rows into tables: ``results.csv`` (one line per method, setting, task and
+length), ``results.json`` (the same plus a per-method summary) and ``results.md`` (a score table
+with the measured cache fractions), and the plot ``results.png``."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+__all__ = ["aggregate", "summarize", "write_reports", "markdown_table"]
+
+GROUP_FIELDS = ("method", "setting", "task", "length")
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return mean(present) if present else None
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (method, setting, task, length): score is 100 x the mean sample score;
+    mean_fraction the mean of the samples' mean kept fractions, peak_fraction their maximum."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[tuple(row[f] for f in GROUP_FIELDS)].append(row)
+    out = []
+    for key, members in groups.items():
+        out.append({
+            **dict(zip(GROUP_FIELDS, key)),
+            "n": len(members),
+            "score": 100 * mean(r["score"] for r in members),
+            "mean_fraction": _mean([r["mean_fraction"] for r in members]),
+            "peak_fraction": max(r["peak_fraction"] for r in members),
+            "kv_bytes": _mean([r.get("kv_bytes") for r in members]),
+            "tokens_per_s": _mean([r.get("tokens_per_s") for r in members]),
+        })
+    return sorted(out, key=lambda g: (g["method"], _setting_order(g["setting"]), g["task"], g["length"] or 0))
+
+
+def summarize(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (method, setting): the mean over its task/length groups."""
+    by_variant: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for group in groups:
+        by_variant[(group["method"], group["setting"])].append(group)
+    out = []
+    for (method, setting), members in by_variant.items():
+        out.append({
+            "method": method, "setting": setting, "groups": len(members),
+            "mean_score": mean(g["score"] for g in members),
+            "mean_fraction": _mean([g["mean_fraction"] for g in members]),
+            "peak_fraction": max(g["peak_fraction"] for g in members),
+            "tokens_per_s": _mean([g["tokens_per_s"] for g in members]),
+        })
+    return sorted(out, key=lambda s: (s["method"], _setting_order(s["setting"])))
+
+
+def _setting_order(setting: str) -> tuple[int, float]:
+    kind, _, value = setting.partition("=")
+    try:
+        return (0 if kind in ("full", "emergent") else 1, float(value or 0))
+    except ValueError:
+        return (2, 0.0)
+
+
+def _column(group: dict[str, Any]) -> str:
+    return group["task"] if group["length"] is None else f"{group['task']}@{group['length']}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def markdown_table(groups: list[dict[str, Any]], summary: list[dict[str, Any]], title: str = "") -> str:
+    """Scores per task (columns) for each method and setting, with mean score, mean and peak
+    kept-cache fraction (of tokens seen, measured) and throughput."""
+    columns = sorted({_column(g) for g in groups})
+    cell = {(g["method"], g["setting"], _column(g)): g for g in groups}
+    header = ["method", "setting", *columns, "mean score", "mean cache", "peak cache", "tokens/s"]
+    lines = [f"# {title}\n" if title else "", "| " + " | ".join(header) + " |",
+             "|" + "|".join([" --- "] * 2 + [" ---: "] * (len(header) - 2)) + "|"]
+    for s in summary:
+        scores = []
+        for column in columns:
+            g = cell.get((s["method"], s["setting"], column))
+            scores.append("-" if g is None else f"{g['score']:.1f}")
+        tps = "-" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:.0f}"
+        lines.append("| " + " | ".join([s["method"], s["setting"], *scores, f"{s['mean_score']:.1f}",
+                                        _pct(s["mean_fraction"]), _pct(s["peak_fraction"]), tps]) + " |")
+    n = {g["n"] for g in groups}
+    lines.append("")
+    lines.append(f"Scores are 100 x the mean metric over {'/'.join(map(str, sorted(n)))} samples per cell; "
+                 "cache fractions are the kept KV cache measured by the engine (share of tokens seen).")
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def write_reports(rows: list[dict[str, Any]], out_dir: str | Path, title: str = "") -> dict[str, Path]:
+    """Write results.csv, results.json, results.md and results.png into ``out_dir``."""
+    out_dir = Path(out_dir)
+    groups = aggregate(rows)
+    summary = summarize(groups)
+    paths = {name: out_dir / f"results.{name}" for name in ("csv", "json", "md", "png")}
+    fields = [*GROUP_FIELDS, "n", "score", "mean_fraction", "peak_fraction", "kv_bytes", "tokens_per_s"]
+    with paths["csv"].open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(groups)
+    paths["json"].write_text(json.dumps({"title": title, "rows": len(rows), "groups": groups, "summary": summary},
+                                        indent=2), encoding="utf-8")
+    paths["md"].write_text(markdown_table(groups, summary, title), encoding="utf-8")
+    from namm.evaluation.plot import plot_score_vs_cache
+
+    plot_score_vs_cache(summary, paths["png"], title=title)
+    return paths

@@ -1,0 +1,207 @@
+"""Methods x tasks x lengths x budgets on one model: one row per generated sample, appended to
+``rows.jsonl`` as soon as it is scored, so an interrupted run resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+from namm.tasks import Sample, load_task, resolve_task, score_sample
+from namm.tasks.jsonl import truncate_sample
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EvalConfig", "Variant", "variants", "run_evaluation", "load_rows", "row_key", "ROWS_FILE"]
+
+ROWS_FILE = "rows.jsonl"
+BUDGETLESS = frozenset({"full"})  # run once, no budget
+EMERGENT = frozenset({"namm"})  # run at its own (emergent) size, then once per --budgets cap
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation run; the ``namm eval`` flags map onto these fields one to one."""
+
+    model: str = "smollm2"
+    tasks: list[str] = field(default_factory=lambda: ["passkey"])
+    lengths: list[int] = field(default_factory=lambda: [2048])
+    methods: list[str] = field(default_factory=lambda: ["full"])
+    keep_ratios: list[float] = field(default_factory=list)
+    budgets: list[int] = field(default_factory=list)
+    limit: int = 5
+    out: str = "eval-results"
+    seed: int = 0
+    split: str = "test"
+    filler: str = "prose"
+    chunk_size: int = 128
+    delay: int = 512
+    evict_at_prefill_end: bool = True
+    namm: str | None = None
+    data_dir: str | None = None
+    chat: bool = False
+    dtype: str | None = None
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.tasks or not self.methods:
+            raise ValueError("Give at least one task (--tasks) and one method (--methods).")
+        if self.limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {self.limit}.")
+        if any(not 0 < r <= 1 for r in self.keep_ratios):
+            raise ValueError(f"keep ratios must be in (0, 1], got {self.keep_ratios}.")
+        if any(b < 1 for b in self.budgets) or any(n < 1 for n in self.lengths):
+            raise ValueError("budgets and lengths are positive numbers of tokens.")
+        for task in self.tasks:
+            resolve_task(task)  # fail fast on a typo
+        budgeted = [m for m in self.methods if m not in BUDGETLESS | EMERGENT]
+        if budgeted and not (self.keep_ratios or self.budgets):
+            raise ValueError(
+                f"{', '.join(budgeted)} need a cache size: give --keep-ratios (e.g. 0.25,0.5) or --budgets (tokens)."
+            )
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One method at one cache setting: ``setting`` labels it in the tables."""
+
+    method: str
+    setting: str
+    kwargs: dict[str, Any]
+    keep_ratio: float | None = None
+    budget: int | None = None
+
+
+def variants(config: EvalConfig) -> list[Variant]:
+    """Every (method, cache setting) the run evaluates."""
+    out = []
+    for method in config.methods:
+        if method in BUDGETLESS:
+            out.append(Variant(method, "full", {}))
+        elif method in EMERGENT:
+            base = {"namm": config.namm} if config.namm else {}
+            out.append(Variant(method, "emergent", base))
+            out += [Variant(method, f"cap={b}", {**base, "max_cache": b}, budget=b) for b in config.budgets]
+        else:
+            out += [Variant(method, f"keep={r:g}", {"keep_ratio": r}, keep_ratio=r) for r in config.keep_ratios]
+            out += [Variant(method, f"budget={b}", {"budget": b}, budget=b) for b in config.budgets]
+    return out
+
+
+def row_key(method: str, setting: str, task: str, length: int | None, sample_id: str) -> str:
+    return json.dumps([method, setting, task, length, sample_id])
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    """Finished rows; a last line cut short by an interrupted run is dropped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("skipping an unreadable line in %s (interrupted write?)", path)
+    return rows
+
+
+def _task_lengths(config: EvalConfig, task: str) -> list[int | None]:
+    return list(config.lengths) if resolve_task(task)[0] == "synthetic" else (list(config.lengths) or [None])
+
+
+def _samples(config: EvalConfig, task: str, length: int | None, tokenizer, window: int | None) -> list[Sample]:
+    if resolve_task(task)[0] == "synthetic":
+        return load_task(task, tokenizer, length=length, n=config.limit, seed=config.seed,
+                         split=config.split, filler=config.filler)
+    samples = load_task(task, tokenizer, n=config.limit, data_dir=config.data_dir)
+    out = []
+    for sample in samples:  # LongBench's budget: the window minus the generation length
+        budgets = [b for b in (length, window - sample.max_new_tokens if window else None) if b]
+        out.append(truncate_sample(sample, tokenizer, min(budgets)) if budgets else sample)
+        out[-1].length = length
+    return out
+
+
+def _work(config: EvalConfig, tokenizer, window: int | None) -> Iterator[tuple[str, int | None, Sample]]:
+    for task in config.tasks:
+        for length in _task_lengths(config, task):
+            for sample in _samples(config, task, length, tokenizer, window):
+                yield task, length, sample
+
+
+def _row(variant: Variant, task: str, length: int | None, sample: Sample, out) -> dict[str, Any]:
+    report = out.report
+    return {
+        "method": variant.method, "setting": variant.setting, "task": task, "length": length,
+        "sample_id": sample.id, "keep_ratio": variant.keep_ratio, "budget": variant.budget,
+        "score": score_sample(sample, out.text), "metric": sample.metric, "prediction": out.text,
+        "answers": sample.answers, "prompt_tokens": out.prompt_tokens, "new_tokens": len(out.token_ids),
+        "kept_fraction": report.kept_fraction, "mean_fraction": report.mean_fraction,
+        "peak_fraction": report.peak_fraction, "kv_bytes": report.kv_bytes,
+        "kv_bytes_full": report.kv_bytes_full, "tokens_per_s": out.timings.get("tokens_per_s"),
+        "total_s": out.timings.get("total_s"),
+    }
+
+
+def run_evaluation(config: EvalConfig, model=None, tokenizer=None, progress: bool = True) -> list[dict[str, Any]]:
+    """Run every missing row, append each to ``<out>/rows.jsonl``, write the reports; return all
+    rows of this configuration (finished earlier or now)."""
+    from namm.engine import Engine, EngineConfig
+    from namm.evaluation.report import write_reports
+    from namm.policies import make_policy
+
+    out_dir = Path(config.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
+    if model is None:
+        from namm.models import load_model
+
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    engine = Engine(model, tokenizer, config=EngineConfig(
+        chunk_size=config.chunk_size, delay=config.delay, evict_at_prefill_end=config.evict_at_prefill_end))
+    window = engine.max_length()
+    rows_path = out_dir / ROWS_FILE
+    done = {row_key(r["method"], r["setting"], r["task"], r["length"], r["sample_id"]): r for r in load_rows(rows_path)}
+    plan = [_with_default_namm(v) for v in variants(config)]
+    for v in plan:  # build each policy once up front so a bad setting fails before any work
+        make_policy(v.method, **v.kwargs)
+    work = list(_work(config, tokenizer, window))
+    todo = [(v, w) for w in work for v in plan if row_key(v.method, v.setting, w[0], w[1], w[2].id) not in done]
+    log.info("%d rows planned, %d already done, %d to run", len(work) * len(plan), len(work) * len(plan) - len(todo), len(todo))
+    bar = _progress(len(todo), progress)
+    with rows_path.open("a", encoding="utf-8") as handle:
+        for variant, (task, length, sample) in todo:
+            chat = config.chat and not sample.meta.get("no_chat", False)
+            out = engine.generate(sample.prompt, max_new_tokens=sample.max_new_tokens, stop=sample.stop,
+                                  chat=chat, policy=make_policy(variant.method, **variant.kwargs))
+            row = _row(variant, task, length, sample, out)
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            handle.flush()
+            done[row_key(variant.method, variant.setting, task, length, sample.id)] = row
+            bar.set_postfix_str(f"{variant.method} {variant.setting} {task}")
+            bar.update(1)
+    bar.close()
+    wanted = {row_key(v.method, v.setting, t, ln, s.id) for v in plan for t, ln, s in work}
+    rows = [r for k, r in done.items() if k in wanted]
+    write_reports(rows, out_dir, title=f"namm eval: {config.model}")
+    return rows
+
+
+def _with_default_namm(variant: Variant) -> Variant:
+    """A NAMM variant without a checkpoint gets the first shipped pretrained NAMM, if any."""
+    if variant.method not in EMERGENT or "namm" in variant.kwargs:
+        return variant
+    from namm.memory.model import available_pretrained
+
+    shipped = available_pretrained()
+    if not shipped:
+        return variant  # make_policy then says how to pass one (--namm)
+    return replace(variant, kwargs={"namm": shipped[0], **variant.kwargs})
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="gen", desc="namm eval", dynamic_ncols=True)

@@ -1,0 +1,69 @@
+"""`namm generate` and `namm calibrate` end to end on a tiny random model."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from namm.cli import main
+from namm.memory import NAMM
+
+PROMPT = "the quick brown fox jumps over the lazy dog " * 12  # 527 tokens once stripped
+
+
+def run_json(capsys, *argv) -> dict:
+    assert main(["--quiet", "generate", "--model", "tiny-llama", "--no-chat", "--json", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_generate_reports_memory(capsys):
+    out = run_json(capsys, PROMPT, "--policy", "streaming", "--keep-ratio", "0.3", "--max-new-tokens", "8",
+                   "--delay", "128", "--chunk-size", "64")
+    mem = out["memory"]
+    assert out["prompt_tokens"] == 527 and out["new_tokens"] == 8
+    assert mem["tokens_seen"] == 534
+    # evicted to ceil(0.3 * 527) = 159 at the end of the prompt, then 7 decoded tokens were added
+    assert mem["final_len"] == [166, 166, 166]
+    assert mem["kept_fraction"] == pytest.approx(166 / 534)
+    assert mem["kv_bytes"] < 0.35 * mem["kv_bytes_full"]
+
+
+def test_generate_reads_file_and_stdin(capsys, tmp_path, monkeypatch):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(PROMPT)
+    a = run_json(capsys, "--file", str(doc), "question?", "--max-new-tokens", "4")
+    assert a["prompt_tokens"] == len((PROMPT.strip() + "\n\nquestion?").encode())
+    monkeypatch.setattr("sys.stdin", io.StringIO(PROMPT))
+    b = run_json(capsys, "--max-new-tokens", "4")
+    assert b["prompt_tokens"] == len(PROMPT.strip())
+    assert b["memory"]["kept_fraction"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--policy", "h2o", "--budget", "0"], "budget"),
+        (["--policy", "nope"], "Unknown policy"),
+        (["--policy", "full", "--keep-ratio", "0.5"], "keeps every token"),
+        (["--policy", "streaming", "--namm", "x"], "only apply to --policy namm"),
+        (["--file", "/no/such/file.txt"], "does not exist"),
+        (["--model", "no-such-org/no-such-model-xyz"], "Could not find model"),
+    ],
+)
+def test_generate_bad_input_is_a_clear_error(capsys, argv, message):
+    assert main(["generate", "--model", "tiny-llama", "hello", *argv]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_calibrate_then_generate_with_perturbed_namm(capsys, tmp_path):
+    out = tmp_path / "namm"
+    assert main(["--quiet", "calibrate", "--model", "tiny-llama", "--out", str(out), "--tasks", "passkey",
+                 "--lengths", "400", "--samples", "1", "--perturb", "0.5", "--delay", "64", "--chunk-size", "32"]) == 0
+    namm = NAMM.from_pretrained(out)
+    assert namm.config.delay == 64 and namm.norm is not None
+    capsys.readouterr()
+    res = run_json(capsys, PROMPT, "--policy", "namm", "--namm", str(out), "--max-new-tokens", "4")
+    assert 0 < res["memory"]["kept_fraction"] < 1.0
+    assert res["memory"]["evictions"] >= 8  # the NAMM's own schedule (delay 64) was used

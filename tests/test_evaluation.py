@@ -1,0 +1,88 @@
+"""The evaluation harness end to end on the tiny random model, resumability, tables, CLI flags."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from namm.cli import build_parser
+from namm.commands.eval import config_from_args
+from namm.engine import Engine
+from namm.evaluation import ROWS_FILE, EvalConfig, aggregate, load_rows, run_evaluation, summarize, variants
+
+
+def _config(out) -> EvalConfig:
+    return EvalConfig(model="tiny-llama", tasks=["passkey"], lengths=[420], methods=["full", "streaming"],
+                      keep_ratios=[0.5], limit=2, out=str(out), chunk_size=64, delay=128)
+
+
+def test_end_to_end_writes_everything_and_resumes(tiny_llama, tmp_path, monkeypatch):
+    model, tok = tiny_llama
+    config = _config(tmp_path)
+    rows = run_evaluation(config, model, tok, progress=False)
+    assert len(rows) == 4  # 2 methods x 1 task x 1 length x 2 samples
+    for name in ("rows.jsonl", "results.csv", "results.json", "results.md", "results.png", "config.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["full"]["mean_fraction"] == pytest.approx(1.0)
+    assert by_method["streaming"]["mean_fraction"] < 0.9  # keep=0.5 really evicts
+    assert all(0.0 <= r["score"] <= 1.0 and r["prompt_tokens"] <= 420 for r in rows)
+    with (tmp_path / "results.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert {(t["method"], t["setting"]) for t in table} == {("full", "full"), ("streaming", "keep=0.5")}
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]
+    assert len(summary) == 2
+    assert "| streaming | keep=0.5 |" in (tmp_path / "results.md").read_text()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished row was recomputed")
+
+    monkeypatch.setattr(Engine, "generate", refuse)
+    again = run_evaluation(config, model, tok, progress=False)
+    assert sorted(json.dumps(r, sort_keys=True) for r in again) == sorted(json.dumps(r, sort_keys=True) for r in rows)
+    assert len(load_rows(tmp_path / ROWS_FILE)) == 4
+
+
+def test_resume_tolerates_a_cut_last_line(tmp_path):
+    path = tmp_path / ROWS_FILE
+    path.write_text('{"a": 1}\n{"b": ', encoding="utf-8")
+    assert load_rows(path) == [{"a": 1}]
+
+
+def test_variants_cover_methods_and_budgets():
+    config = EvalConfig(tasks=["passkey"], methods=["full", "h2o", "namm"], keep_ratios=[0.25], budgets=[256])
+    got = [(v.method, v.setting, v.kwargs) for v in variants(config)]
+    assert got == [("full", "full", {}), ("h2o", "keep=0.25", {"keep_ratio": 0.25}),
+                   ("h2o", "budget=256", {"budget": 256}), ("namm", "emergent", {}),
+                   ("namm", "cap=256", {"max_cache": 256})]
+    with pytest.raises(ValueError, match="keep-ratios"):
+        EvalConfig(tasks=["passkey"], methods=["h2o"])
+    with pytest.raises(ValueError, match="Unknown task"):
+        EvalConfig(tasks=["nope"], methods=["full"])
+
+
+def test_aggregate_and_summary_by_hand():
+    def row(method, task, score, mean_fraction, peak):
+        return {"method": method, "setting": "s", "task": task, "length": 100, "sample_id": "x", "score": score,
+                "mean_fraction": mean_fraction, "peak_fraction": peak, "kv_bytes": 10, "tokens_per_s": 5.0}
+
+    rows = [row("m", "a", 1.0, 0.5, 0.6), row("m", "a", 0.0, 0.3, 0.9), row("m", "b", 0.5, 0.4, 0.4)]
+    groups = aggregate(rows)
+    assert [(g["task"], g["n"], g["score"], g["mean_fraction"], g["peak_fraction"]) for g in groups] == [
+        ("a", 2, 50.0, pytest.approx(0.4), 0.9), ("b", 1, 50.0, 0.4, 0.4)]
+    (s,) = summarize(groups)
+    assert s["mean_score"] == 50.0 and s["mean_fraction"] == pytest.approx(0.4) and s["peak_fraction"] == 0.9
+
+
+def test_cli_flags_map_onto_the_config():
+    args = build_parser().parse_args([
+        "eval", "--model", "smollm2", "--tasks", "passkey,niah_multikey", "--lengths", "1024,2048",
+        "--methods", "full,streaming,h2o,l2", "--keep-ratios", "0.25,0.5", "--limit", "5", "--quiet",
+    ])
+    config = config_from_args(args)
+    assert config.tasks == ["passkey", "niah_multikey"] and config.lengths == [1024, 2048]
+    assert config.methods == ["full", "streaming", "h2o", "l2"] and config.keep_ratios == [0.25, 0.5]
+    assert config.limit == 5 and args.quiet and args.func is not None
+    assert len(variants(config)) == 7
