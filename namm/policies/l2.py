@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from namm.policies.base import CacheSpec
-from namm.policies.streaming import RankedPolicy, protect
+from namm.policies.ranked import RankedPolicy, protect
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from namm.policies.base import tokens_seen
-from namm.policies.streaming import RankedPolicy
+from namm.policies.ranked import RankedPolicy
 
 
 @dataclass

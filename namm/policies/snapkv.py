@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from namm.policies.base import CacheSpec
-from namm.policies.streaming import RankedPolicy, pad_to
+from namm.policies.ranked import RankedPolicy, pad_to
 
 
 @dataclass

@@ -1,0 +1,71 @@
+"""``RankedPolicy``: the skeleton every fixed-budget baseline shares.
+
+Score each cached token, keep the ``n_keep`` best per head, prune the per-token state with the
+same indices. ``protect`` forces sinks / a recent window in; ``pad_to`` extends per-token state to
+the tokens just added.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from namm.policies.base import BudgetMixin, CacheSpec, MemoryPolicy, tokens_seen, topk_indices
+
+
+def protect(scores: torch.Tensor, positions: torch.Tensor, n_sink: int = 0, n_recent: int = 0) -> torch.Tensor:
+    """Copy of ``scores`` (kv_heads, cache_len) with +inf on the sinks (absolute position < n_sink)
+    and on the last ``n_recent`` cache slots, so ``topk_indices`` always keeps them."""
+    scores = scores.clone()
+    if n_sink > 0:
+        scores[positions < n_sink] = float("inf")
+    if n_recent > 0:
+        scores[..., -n_recent:] = float("inf")
+    return scores
+
+
+def pad_to(state: torch.Tensor, cache_len: int) -> torch.Tensor:
+    """Per-token state (..., n) zero-padded on the right to ``cache_len``: the tokens just added."""
+    return torch.nn.functional.pad(state, (0, cache_len - state.shape[-1]))
+
+
+@dataclass
+class RankedPolicy(BudgetMixin, MemoryPolicy):
+    """Fixed-budget policy that keeps the top-scored tokens per head.
+
+    Subclasses implement ``scores`` (kv_heads, cache_len), higher is kept, and, when they hold
+    per-token state, ``update`` (fold in one forward call) and ``prune`` (drop evicted tokens).
+    """
+
+    def __post_init__(self) -> None:
+        self.check_budget()
+
+    def reset(self, spec: CacheSpec) -> None:
+        super().reset(spec)
+        self._positions: dict[int, torch.Tensor] = {}  # layer -> (kv_heads, cache_len)
+
+    def observe(self, layer: int, attn: torch.Tensor | None, keys: torch.Tensor, positions: torch.Tensor) -> None:
+        self._positions[layer] = positions
+        self.update(layer, attn, keys, positions)
+
+    def update(self, layer: int, attn: torch.Tensor | None, keys: torch.Tensor, positions: torch.Tensor) -> None:
+        """Fold one forward call into the per-token state (default: none kept)."""
+
+    def scores(self, layer: int, n_keep: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prune(self, layer: int, keep: torch.Tensor) -> None:
+        """Drop the state of evicted tokens; ``keep`` is (kv_heads, n_keep)."""
+
+    def keep_count(self, layer: int, positions: torch.Tensor) -> int:
+        """Tokens this layer keeps now: the budget arithmetic, capped by the cache."""
+        return self.n_keep(tokens_seen(positions), positions.shape[-1])
+
+    def select(self, layer: int) -> torch.Tensor | None:
+        positions = self._positions[layer]
+        n_keep = self.keep_count(layer, positions)
+        keep = topk_indices(self.scores(layer, n_keep), n_keep)
+        self._positions[layer] = positions.gather(-1, keep)
+        self.prune(layer, keep)
+        return keep
