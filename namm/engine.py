@@ -186,14 +186,25 @@ class Engine:
         return any(s in tail for s in stop)
 
     # -- scoring -------------------------------------------------------------------------------
-    def loglikelihood(self, context, continuation, policy: MemoryPolicy | None = None) -> float:
-        """Teacher-forced sum of log p(continuation | context) with the policy evicting on schedule."""
-        ctx = self.encode(context, chat=False)
-        cont = self.encode(continuation, chat=False)
+    def loglikelihood(self, context, continuation, policy: MemoryPolicy | None = None, chat: bool = False,
+                      return_report: bool = False):
+        """Teacher-forced sum of log p(continuation | context) with the policy evicting on schedule.
+
+        ``context`` is formatted as for :meth:`generate` when ``chat`` is set; ``continuation`` is
+        text (tokenised without special tokens) or ids. With ``return_report`` returns
+        ``(loglik, n_continuation_tokens, MemoryReport)``.
+        """
+        ctx = self.encode(context, chat=chat)
+        if isinstance(continuation, str):
+            if self.tokenizer is None:
+                raise ValueError("Text continuations need a tokenizer: Engine(model, tokenizer, ...).")
+            continuation = self.tokenizer(continuation, add_special_tokens=False).input_ids
+        cont = self.encode(continuation)
         self._check_length(ctx.numel(), cont.numel())
         with self.running():
             seq = self.start(policy)
             first = seq.feed(ctx, end_of_prompt=True)[None]
             rest = seq.feed(cont[:-1], all_logits=True) if cont.numel() > 1 else first[:0]
         logp = torch.log_softmax(torch.cat([first, rest]).double(), dim=-1)
-        return float(logp.gather(1, cont.to(logp.device)[:, None]).sum())
+        total = float(logp.gather(1, cont.to(logp.device)[:, None]).sum())
+        return (total, int(cont.numel()), seq.report()) if return_report else total

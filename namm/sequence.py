@@ -27,12 +27,16 @@ class EngineConfig:
     delay: eviction period in tokens processed, prefill and decoding alike (reference 512).
     evict_at_prefill_end: also evict once when the prompt is fully read, so budgets hold while
         decoding (the reference NAMM only evicts on the ``delay`` grid; set False to match it).
+    evict_during_prefill: evict on the ``delay`` grid while reading the prompt, which bounds peak
+        memory (design invariant 5). False gives the one-shot prompt compression of methods such
+        as SnapKV as published: the whole prompt is cached, then pruned once at its end.
     record_evictions: keep, per eviction step, the absolute positions each layer kept (tests).
     """
 
     chunk_size: int = 128
     delay: int = 512
     evict_at_prefill_end: bool = True
+    evict_during_prefill: bool = True
     record_evictions: bool = False
 
     def __post_init__(self) -> None:
@@ -99,10 +103,12 @@ class MemorySequence:
         for start, stop in list(self._chunks(ids.numel())):
             logits = self._forward(ids[start:stop], all_logits)
             outputs.append(logits)
-            if self.seen % self.config.delay == 0:
+            on_grid = self.seen % self.config.delay == 0
+            if on_grid and (self.config.evict_during_prefill or not end_of_prompt):
                 self.evict()
-        if end_of_prompt and self.config.evict_at_prefill_end and self.seen % self.config.delay != 0:
-            self.evict()
+        if end_of_prompt and self.config.evict_at_prefill_end:
+            if self.seen % self.config.delay != 0 or not self.config.evict_during_prefill:
+                self.evict()
         return torch.cat(outputs, dim=0) if all_logits else outputs[-1][-1]
 
     def _chunks(self, n: int):

@@ -225,6 +225,19 @@ def test_chunks_split_on_delay_grid():
     assert [s for s, _ in seq.eviction_log] == [64, 128, 192, 200]
 
 
+def test_one_shot_prompt_compression():
+    model, _ = tiny_model("llama", seed=8)
+    config = EngineConfig(chunk_size=48, delay=64, evict_during_prefill=False, record_evictions=True)
+    engine = Engine(model, config=config)
+    with engine.running():
+        seq = engine.start(DropRandom())
+        seq.feed(torch.randint(0, 256, (200,)), end_of_prompt=True)
+        assert seq.report().peak_len == [200] * 3  # the whole prompt was cached before pruning
+        for token in range(60):  # decoding still evicts on the grid: at 256
+            seq.feed(torch.tensor([token]))
+    assert [s for s, _ in seq.eviction_log] == [200, 256]
+
+
 # 7. sliding-window layers keep their own window ----------------------------------------------------
 def test_gemma_sliding_layers_untouched():
     model, _ = tiny_model("gemma3", seed=9)

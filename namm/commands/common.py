@@ -25,6 +25,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--delay", type=int, default=None, help="evict every DELAY tokens processed (default 512)")
     group.add_argument("--no-evict-at-prefill-end", action="store_true",
                        help="only evict on the DELAY grid (as the reference NAMM), not also when the prompt ends")
+    group.add_argument("--no-evict-during-prefill", action="store_true",
+                       help="cache the whole prompt and compress it once at its end (SnapKV as published)")
 
 
 def add_policy_args(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +49,7 @@ def engine_config_from_args(args: argparse.Namespace, defaults: EngineConfig | N
         chunk_size=args.chunk_size or base.chunk_size,
         delay=args.delay or base.delay,
         evict_at_prefill_end=base.evict_at_prefill_end and not args.no_evict_at_prefill_end,
+        evict_during_prefill=base.evict_during_prefill and not args.no_evict_during_prefill,
     )
 
 

@@ -62,7 +62,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         model=args.model, tasks=args.tasks, lengths=args.lengths, methods=[m.lower() for m in args.methods],
         keep_ratios=args.keep_ratios, budgets=args.budgets, limit=args.limit, out=args.out, seed=args.seed,
         split=args.split, filler=args.filler, chunk_size=args.chunk_size or 128, delay=args.delay or 512,
-        evict_at_prefill_end=not args.no_evict_at_prefill_end, namm=args.namm, data_dir=args.data_dir,
+        evict_at_prefill_end=not args.no_evict_at_prefill_end,
+        evict_during_prefill=not args.no_evict_during_prefill, namm=args.namm, data_dir=args.data_dir,
         chat=args.chat, dtype=args.dtype, device=args.device,
     )
 

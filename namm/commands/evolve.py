@@ -14,11 +14,19 @@ from typing import Any
 
 log = logging.getLogger("namm.evolve")
 
+DESCRIPTION = """Evolve a NAMM with CMA-ES as the run's TOML file says (examples/*.toml).
+
+The run folder gets log.csv, fitness.png and, after every generation, a checkpoint: state.pkl
+(optimiser state and history), mean/ (the CMA mean as a NAMM folder, for `namm generate
+--policy namm --namm DIR` or NAMM.from_pretrained) and best/ (the mean with the best
+evaluation). --resume continues exactly where a run stopped (even after kill -9); the same
+seed gives the same run."""
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "evolve", help="evolve a NAMM with CMA-ES (resumable; local or Ray)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", help="the run's TOML file (see examples/smollm2-passkey.toml)")
     p.add_argument("--resume", action="store_true", help="continue the run in its output folder")
@@ -88,10 +96,10 @@ class LiveDisplay:
         elif kind == "member" and self.task is not None:
             self.progress.update(self.task, status=f"gen {data['generation']}: member {data['member'] + 1}/{data['popsize']}")
         elif kind == "generation" and self.task is not None:
-            line = (f"gen {data['generation']:>4} stage {data['stage']}  best {data['fitness_best']:.4f}  "
-                    f"mean {data['fitness_mean']:.4f}  kept {data['kept_mean']:.1%}  {data['seconds']:.1f} s/gen")
+            line = (f"gen {data['generation']:>4} [{data['stage']}] best {data['fitness_best']:.4f} "
+                    f"mean {data['fitness_mean']:.4f} kept {data['kept_mean']:.1%} {data['seconds']:.1f} s/gen")
             if data.get("eval_fitness") is not None:
-                line += f"  | eval {data['eval_fitness']:.4f} kept {data['eval_kept']:.1%}"
+                line += f" | eval {data['eval_fitness']:.4f} kept {data['eval_kept']:.1%}"
             self.progress.console.print(line)
             self.progress.update(self.task, advance=1, status="")
 

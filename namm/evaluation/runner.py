@@ -39,6 +39,7 @@ class EvalConfig:
     chunk_size: int = 128
     delay: int = 512
     evict_at_prefill_end: bool = True
+    evict_during_prefill: bool = True
     namm: str | None = None
     data_dir: str | None = None
     chat: bool = False
@@ -160,7 +161,8 @@ def run_evaluation(config: EvalConfig, model=None, tokenizer=None, progress: boo
 
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     engine = Engine(model, tokenizer, config=EngineConfig(
-        chunk_size=config.chunk_size, delay=config.delay, evict_at_prefill_end=config.evict_at_prefill_end))
+        chunk_size=config.chunk_size, delay=config.delay, evict_at_prefill_end=config.evict_at_prefill_end,
+        evict_during_prefill=config.evict_during_prefill))
     window = engine.max_length()
     rows_path = out_dir / ROWS_FILE
     done = {row_key(r["method"], r["setting"], r["task"], r["length"], r["sample_id"]): r for r in load_rows(rows_path)}

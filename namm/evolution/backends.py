@@ -109,7 +109,11 @@ class RayBackend:
 
     def set_calibration(self, norm) -> None:
         self.norm = norm
-        self.ray.get([a.set_calibration.remote(norm) for a in self.actors])
+        for actor in list(self.actors):
+            try:
+                self.ray.get(actor.set_calibration.remote(norm))
+            except self.ray.exceptions.RayActorError:
+                self._drop(actor)
 
     def call(self, method: str, *args):
         """Run one worker method on one actor, moving on to the next actor if it dies."""

@@ -121,7 +121,7 @@ def _fmt(value: Any) -> Any:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.6g}"
+        return f"{value:.10g}"
     if isinstance(value, (list, tuple)):
         return "+".join(map(str, value))
     return value

@@ -2,7 +2,7 @@
 
 Top-level keys are :class:`RunConfig` fields; each table is one nested dataclass::
 
-    model = "smollm2"            # as for namm.models.load_model
+    model = "smollm2"            # as for namm.models.load_model (dtype, device, threads optional)
     seed = 0                     # prompts and CMA-ES sampling
     backend = "local"            # or "ray"
     output_dir = "runs/passkey"
@@ -154,6 +154,7 @@ class RunConfig:
     stages: list[StageConfig] = field(default_factory=list)
     dtype: str | None = None
     device: str | None = None
+    threads: int | None = None
     seed: int = 0
     backend: str = "local"
     output_dir: str = "runs/evolve"
@@ -172,7 +173,11 @@ class RunConfig:
             raise ValueError("The run has no tasks: add at least one [[tasks]] table.")
         if not self.stages:
             raise ValueError("The run has no stages: add at least one [[stages]] table.")
+        from namm.tasks import resolve_task
+
         names = [t.name for t in self.tasks]
+        for name in names:
+            resolve_task(name)  # an unknown task fails here, before any model is loaded
         if len(set(names)) != len(names):
             raise ValueError(f"Task names must be unique, got {names}.")
         for stage in self.stages:
@@ -183,6 +188,8 @@ class RunConfig:
             self.calibration.task = self.stages[0].tasks[0]
         elif self.calibration.task not in names:
             raise ValueError(f"calibration.task {self.calibration.task!r} is not one of the [[tasks]] {names}.")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be a positive integer (torch CPU threads per worker), got {self.threads!r}.")
         if not isinstance(self.eval_interval, int) or self.eval_interval < 0:
             raise ValueError(f"eval_interval must be an integer >= 0, got {self.eval_interval!r}.")
 

@@ -108,6 +108,7 @@ class WorkerSpec:
     engine: EngineConfig
     namm: dict[str, Any]
     mode: str = "metric"
+    threads: int | None = None  # torch CPU threads in this worker (None: torch's default)
 
     def build(self) -> "Worker":
         return Worker(self)
@@ -130,6 +131,8 @@ class Worker:
         from namm.models import load_model
 
         self.spec = spec
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
         model, tokenizer = load_model(spec.model, dtype=spec.dtype, device=spec.device)
         self.engine = Engine(model, tokenizer, config=spec.engine)
         self.namm = build_namm(spec)
@@ -166,20 +169,12 @@ class Worker:
         return PromptResult(score=score_answer(prompt, out.text), kept=float(out.report.kept_fraction))
 
     def _loglik(self, prompt: Prompt, policy) -> PromptResult:
-        engine = self.engine
-        context = engine.encode(prompt.prompt)  # formatted as for generation (chat template if any)
-        answer = engine.tokenizer(prompt.answers[0], add_special_tokens=False).input_ids
-        if not answer:
+        if not prompt.answers or not prompt.answers[0]:
             raise ValueError(f"Prompt {prompt.id}: the reference answer is empty; loglik fitness needs one.")
-        cont = torch.tensor(answer, dtype=torch.long)
-        with engine.running():
-            seq = engine.start(policy)
-            first = seq.feed(context, end_of_prompt=True)[None]
-            rest = seq.feed(cont[:-1], all_logits=True) if cont.numel() > 1 else first[:0]
-            report = seq.report()
-        logp = torch.log_softmax(torch.cat([first, rest]).double(), dim=-1)
-        loglik = float(logp.gather(1, cont.to(logp.device)[:, None]).sum())
-        return PromptResult(loglik=loglik, tokens=int(cont.numel()), kept=float(report.kept_fraction))
+        # the context is formatted as for generation (chat template if the tokenizer has one)
+        loglik, tokens, report = self.engine.loglikelihood(prompt.prompt, prompt.answers[0], policy=policy,
+                                                           chat=None, return_report=True)
+        return PromptResult(loglik=loglik, tokens=tokens, kept=float(report.kept_fraction))
 
 
 def build_namm(spec: WorkerSpec):

@@ -28,7 +28,7 @@ from namm.evolution.config import RunConfig, TaskSpec
 class Prompt:
     """One prompt of a task pool, as shipped to workers.
 
-    id:     stable id, unique within the run (task, split, length, seed, index).
+    id:     stable id, unique within the run ("task|L<length>|<sample id>").
     task:   the run's name for the task.
     sample: the task's :class:`namm.tasks.Sample` (prompt, answers, metric, max_new_tokens, stop).
     """
@@ -51,21 +51,21 @@ class Prompt:
 
 
 def build_pool(spec: TaskSpec, tokenizer, seed: int) -> list[Prompt]:
-    """The ``spec.prompts`` prompts of one task, deterministic for ``seed``.
+    """The prompt pool of one task (``namm.tasks.load_task``), deterministic for ``seed``.
 
-    Synthetic tasks (``namm.tasks.synthetic``) are generated from their ``train`` split unless
-    ``options.split`` says otherwise.
+    Synthetic tasks are generated from their ``train`` split (``options.split`` overrides it) at
+    ``length`` tokens; benchmark and JSONL tasks read up to ``prompts`` records, middle-truncated
+    to ``length`` tokens.
     """
-    from namm.tasks import synthetic
+    from namm.tasks import is_synthetic, load_task
 
-    if spec.name not in synthetic.SYNTHETIC_TASKS:
-        raise ValueError(f"Task {spec.name!r} cannot be evolved on yet; synthetic tasks: "
-                         f"{', '.join(synthetic.SYNTHETIC_TASKS)}.")
-    options = {"split": "train", **spec.options}
-    samples = synthetic.generate(spec.name, tokenizer, spec.length, n=spec.prompts, seed=seed, **options)
-    suffix = "" if not spec.options else "-" + hashlib.sha1(
+    options = {"split": "train", **spec.options} if is_synthetic(spec.name) else dict(spec.options)
+    samples = load_task(spec.name, tokenizer, length=spec.length, n=spec.prompts, seed=seed, **options)
+    if not samples:
+        raise ValueError(f"Task {spec.name!r} gave no prompts.")
+    suffix = "" if not spec.options else "|" + hashlib.sha1(
         json.dumps(spec.options, sort_keys=True).encode()).hexdigest()[:8]
-    return [Prompt(id=f"{s.id}{suffix}", task=spec.name, sample=s) for s in samples]
+    return [Prompt(id=f"{spec.name}|L{spec.length}|{s.id}{suffix}", task=spec.name, sample=s) for s in samples]
 
 
 class PromptPools:
@@ -103,7 +103,7 @@ class PromptPools:
 class ReferenceScores:
     """Full-cache results per prompt, cached in a JSON file (written atomically).
 
-    Keys are ``"model|prompt id"`` (the prompt id names task, length, seed and index); values are
+    Keys are ``"model|prompt id"`` (the prompt id names task, length and sample); values are
     the dicts produced by :func:`namm.evolution.fitness.prompt_result` (score, loglik, tokens, kept).
     """
 

@@ -89,7 +89,7 @@ class EvolutionRun:
     def _worker_spec(self) -> WorkerSpec:
         c = self.config
         return WorkerSpec(model=c.model, dtype=c.dtype, device=c.device, engine=c.engine, namm=c.namm,
-                          mode=c.fitness.mode)
+                          mode=c.fitness.mode, threads=c.threads)
 
     # -- the run --------------------------------------------------------------------------------
 

@@ -1,0 +1,122 @@
+"""``namm evolve`` end to end on a tiny random Llama: outputs, checkpoints, refusal, kill -9 and resume."""
+
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from namm.cli import main
+from namm.memory.model import NAMM
+
+torch.set_num_threads(1)
+
+
+def read_log(run: Path) -> list[dict[str, str]]:
+    with open(run / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def state(run: Path) -> dict:
+    return pickle.loads((run / "state.pkl").read_bytes())
+
+
+def trajectory(run: Path) -> list[tuple]:
+    """Everything that must match between two runs with the same seed (not the timings)."""
+    s = state(run)
+    rows = [(r["generation"], r["stage"], tuple(r["fitness"]), r["kept_mean"], r["sigma"], r["eval_fitness"])
+            for r in s["history"]]
+    return rows + [tuple(pickle.loads(s["optimizer"]["es"])[0].mean)]
+
+
+def test_evolve_writes_log_plot_and_loadable_checkpoints(tmp_path, tiny_dict, write_toml, capsys):
+    cfg = write_toml(tmp_path / "run.toml", tiny_dict(tmp_path / "unused"))
+    run = tmp_path / "run"
+    assert main(["evolve", str(cfg), "--out", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "gen    2 [1] best" in err and "s/gen" in err  # the live display
+
+    rows = read_log(run)
+    assert [r["generation"] for r in rows] == ["0", "1", "2"]
+    assert all(float(r["fitness_best"]) >= float(r["fitness_mean"]) >= float(r["fitness_worst"]) for r in rows)
+    assert all(0 < float(r["kept_mean"]) <= 1 for r in rows)
+    assert [bool(r["eval_fitness"]) for r in rows] == [False, True, True]  # every 2 and at the stage end
+    assert (run / "fitness.png").read_bytes()[:4] == b"\x89PNG"
+
+    s = state(run)
+    assert s["generation"] == 3 and len(s["history"]) == 3
+    mean = NAMM.from_pretrained(run / "mean")
+    es_mean = pickle.loads(s["optimizer"]["es"])[0].mean
+    np.testing.assert_allclose(mean.get_flat().double().numpy(), es_mean, rtol=1e-6, atol=1e-9)
+    assert mean.norm is not None and mean.config.delay == 64 and mean.config.evolved_on == "tiny-llama"
+    calibration = torch.load(run / "calibration.pt", weights_only=True)
+    torch.testing.assert_close(mean.norm.mean, calibration["mean"])
+    best = NAMM.from_pretrained(run / "best")
+    np.testing.assert_allclose(best.get_flat().double().numpy(), s["best_eval"]["params"], rtol=1e-6, atol=1e-9)
+    assert s["best_eval"]["fitness"] == pytest.approx(max(float(r["eval_fitness"]) for r in rows if r["eval_fitness"]))
+
+    # an existing run is never overwritten without --resume
+    assert main(["evolve", str(cfg), "--out", str(run), "--quiet"]) == 1
+    assert "--resume" in capsys.readouterr().err
+    # resuming with a different config is refused, naming what differs
+    changed = write_toml(tmp_path / "changed.toml", tiny_dict(tmp_path / "unused", optimizer={"popsize": 6}))
+    assert main(["evolve", str(changed), "--out", str(run), "--resume", "--quiet"]) == 1
+    assert "['optimizer']" in capsys.readouterr().err
+    # resuming a finished run changes nothing
+    before = trajectory(run)
+    assert main(["evolve", str(cfg), "--out", str(run), "--resume", "--quiet"]) == 0
+    assert trajectory(run) == before
+
+
+def test_metric_fitness_generates_and_scores(tmp_path, tiny_config):
+    from namm.evolution.runner import EvolutionRun
+
+    config = tiny_config(fitness={"mode": "metric"}, optimizer={"popsize": 2}, eval_interval=1,
+                         stages=[{"tasks": ["passkey"], "generations": 1}])
+    final = EvolutionRun(config).run()
+    row = final["history"][0]
+    # a random model never finds the passkey: member score 0 / (full-cache 0 + 1e-7) = 0
+    assert row["fitness"] == [0.0, 0.0] and row["eval_fitness"] == 0.0
+    refs = (Path(config.output_dir) / "reference_scores.json").read_text()
+    assert '"score": 0.0' in refs and "tiny-llama|passkey|L256|passkey-train-L256-s0-" in refs
+
+
+def test_kill_9_mid_run_then_resume_matches_uninterrupted(tmp_path, tiny_dict, write_toml):
+    # two stages: the second adds a task and continues the optimiser and the generation count
+    tasks = [{"name": "passkey", "length": 256, "prompts": 6}, {"name": "kv_retrieval", "length": 256, "prompts": 6}]
+    stages = [{"tasks": ["passkey"], "generations": 3}, {"tasks": ["passkey", "kv_retrieval"], "generations": 2}]
+    data = tiny_dict(tmp_path / "unused", tasks=tasks, stages=stages)
+    cfg = write_toml(tmp_path / "run.toml", data)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert main(["evolve", str(cfg), "--out", str(straight), "--quiet"]) == 0
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "namm.cli", "--quiet", "evolve", str(cfg), "--out", str(killed)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "log.csv").exists() and len(read_log(killed)) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)  # in generation 2 (or writing generation 1's outputs)
+    proc.wait()
+    done = state(killed)["generation"]
+    assert 2 <= done < 5  # no finished generation lost
+
+    assert main(["evolve", str(cfg), "--out", str(killed), "--resume", "--quiet"]) == 0
+    assert trajectory(killed) == trajectory(straight)
+    rows = read_log(killed)
+    assert [r["generation"] for r in rows] == [str(g) for g in range(5)]
+    assert [r["stage"] for r in rows] == ["1", "1", "1", "2", "2"]
+    assert rows[-1]["tasks"] == "passkey+kv_retrieval"
+    assert NAMM.from_pretrained(killed / "mean").get_flat().equal(NAMM.from_pretrained(straight / "mean").get_flat())

@@ -1,0 +1,83 @@
+"""Fitness arithmetic (namm-algorithm.md section 5), prompt draws and the reference cache."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from namm.evolution.config import FitnessConfig
+from namm.evolution.fitness import GUARD, PromptResult, member_fitness, task_ratio
+from namm.evolution.prompts import Prompt, PromptPools, ReferenceScores
+
+
+def prompts(tasks: dict[str, int]) -> list[Prompt]:
+    return [Prompt(id=f"{t}:{i}", task=t, sample=None) for t, n in tasks.items() for i in range(n)]
+
+
+def test_metric_ratio_is_ratio_of_sums_with_guard():
+    results = [PromptResult(score=s) for s in (1.0, 0.0, 0.5)]
+    refs = [PromptResult(score=s) for s in (1.0, 1.0, 0.0)]
+    assert task_ratio("metric", results, refs) == pytest.approx(50.0 / (100 * 2 / 3 + GUARD))
+    # an all-zero reference: 0/1e-7 -> 0 when the member also scores 0, huge otherwise
+    zeros = [PromptResult(score=0.0)] * 2
+    assert task_ratio("metric", zeros, zeros) == 0.0
+    assert task_ratio("metric", [PromptResult(score=1.0), PromptResult(score=0.0)], zeros) == pytest.approx(50 / GUARD)
+
+
+def test_loglik_ratio_is_geometric_mean_per_token_likelihood_ratio():
+    results = [PromptResult(loglik=-10.0, tokens=5), PromptResult(loglik=-3.0, tokens=2)]
+    refs = [PromptResult(loglik=-5.0, tokens=5), PromptResult(loglik=-4.0, tokens=2)]
+    expected = math.exp(((-10 + 5) / 5 + (-3 + 4) / 2) / 2)
+    assert task_ratio("loglik", results, refs) == pytest.approx(expected)
+    assert task_ratio("loglik", refs, refs) == 1.0  # the full cache itself scores exactly 1
+
+
+def test_mean_over_tasks_and_cache_terms():
+    ps = prompts({"a": 2, "b": 1})
+    refs = [PromptResult(score=1.0)] * 3
+    member = [PromptResult(score=1.0, kept=0.5), PromptResult(score=0.0, kept=0.3), PromptResult(score=1.0, kept=0.1)]
+    fit = member_fitness(FitnessConfig(), ps, member, refs)
+    assert fit.per_task == pytest.approx({"a": 0.5, "b": 1.0}, rel=1e-6)
+    assert fit.raw == pytest.approx(0.75, rel=1e-6) and fit.fitness == fit.raw
+    assert fit.kept == pytest.approx(0.3)
+    penalised = member_fitness(FitnessConfig(kept_penalty=0.5), ps, member, refs)
+    assert penalised.fitness == pytest.approx(0.75 - 0.15, rel=1e-6)
+    # over the cap: below every member within it, ordered by how far over
+    capped = member_fitness(FitnessConfig(kept_cap=0.2), ps, member, refs)
+    assert capped.fitness == pytest.approx(-0.1)
+    within = member_fitness(FitnessConfig(kept_cap=0.2), ps, [PromptResult(score=0.0, kept=0.1)] * 3, refs)
+    assert within.fitness == 0.0 and within.fitness > capped.fitness
+
+
+def fake_pools(samples_per_task=3, eval_samples=2, seed=0) -> PromptPools:
+    config = SimpleNamespace(seed=seed, fitness=FitnessConfig(samples_per_task=samples_per_task,
+                                                              eval_samples_per_task=eval_samples),
+                             calibration=SimpleNamespace(task="a", samples=2))
+    return PromptPools(config, {"a": prompts({"a": 10}), "b": prompts({"b": 10})})
+
+
+def test_generation_draws_are_seeded_fresh_and_without_replacement():
+    pools = fake_pools()
+    g0 = pools.generation_batch(0, ["a", "b"])
+    assert [p.task for p in g0] == ["a"] * 3 + ["b"] * 3
+    assert len({p.id for p in g0}) == 6
+    assert [p.id for p in g0] == [p.id for p in fake_pools().generation_batch(0, ["a", "b"])]
+    later = [[p.id for p in pools.generation_batch(g, ["a"])] for g in range(1, 6)]
+    assert any(ids != [p.id for p in g0[:3]] for ids in later)  # fresh prompts each generation
+    assert [p.id for p in fake_pools(seed=1).generation_batch(0, ["a"])] != [p.id for p in g0[:3]]
+    assert [p.id for p in pools.eval_batch(["a", "b"])] == ["a:0", "a:1", "b:0", "b:1"]
+    assert [p.id for p in pools.calibration_batch()] == ["a:0", "a:1"]
+
+
+def test_reference_scores_are_cached_on_disk(tmp_path):
+    path = tmp_path / "reference_scores.json"
+    ps = prompts({"a": 3})
+    refs = ReferenceScores(path, "tiny-llama")
+    assert refs.missing(ps + ps) == ps
+    refs.add(ps[:2], [PromptResult(score=1.0).to_dict(), PromptResult(score=0.0).to_dict()])
+    again = ReferenceScores(path, "tiny-llama")
+    assert again.missing(ps) == ps[2:]
+    assert [PromptResult.from_dict(r).score for r in again.get(ps[:2])] == [1.0, 0.0]
+    assert ReferenceScores(path, "other-model").missing(ps) == ps  # keyed by model too
