@@ -32,10 +32,14 @@ Top-level keys are :class:`RunConfig` fields; each table is one nested dataclass
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 from namm.evolution.optimizer import CMAConfig
 from namm.sequence import EngineConfig
