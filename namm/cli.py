@@ -1,7 +1,7 @@
 """The ``namm`` command line: one subcommand per module in ``namm/commands``.
 
-Each command module defines ``add_parser(subparsers)`` (which registers its flags and sets
-``func``) so commands can be added without touching this file beyond the list below.
+Each command module defines ``add_parser(subparsers)``, which registers its flags and sets
+``func``; adding a command means adding its module and its name to ``COMMANDS``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("generate", "calibrate", "eval", "evolve", "bench")
+COMMANDS = ("generate", "calibrate", "eval", "evolve")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,13 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"namm.commands.{name.replace('-', '_')}")
-        except ModuleNotFoundError as exc:  # a command whose module has not landed yet
-            if exc.name != f"namm.commands.{name}":
-                raise
-            continue
-        module.add_parser(sub)
+        importlib.import_module(f"namm.commands.{name}").add_parser(sub)
     return parser
 
 
