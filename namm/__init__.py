@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from namm.engine import Engine, EngineConfig, GenerationOutput
+from namm.hf import MemoryAttachment, attach
 from namm.memory import NAMM, NAMMConfig
 from namm.models import load_model, tiny_model
 from namm.policies import POLICIES, MemoryPolicy, make_policy
@@ -10,5 +11,5 @@ from namm.report import MemoryReport
 
 __version__ = "0.1.0"
 
-__all__ = ["NAMM", "POLICIES", "Engine", "EngineConfig", "GenerationOutput", "MemoryPolicy", "MemoryReport",
-           "NAMMConfig", "load_model", "make_policy", "tiny_model"]
+__all__ = ["NAMM", "POLICIES", "Engine", "EngineConfig", "GenerationOutput", "MemoryAttachment", "MemoryPolicy",
+           "MemoryReport", "NAMMConfig", "attach", "load_model", "make_policy", "tiny_model"]

@@ -53,17 +53,36 @@ def visible_mask(q_len: int, kv_len: int, window: int | None, device: torch.devi
     return mask
 
 
-def _eager(query, key, value, mask, scaling, softcap, groups):
-    # query (1, Hq, q, d); key/value (1, Hkv, K, d)
-    k = key.repeat_interleave(groups, dim=1)
-    v = value.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(query, k.transpose(-1, -2)) * scaling
+def _eager(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+    softcap: float | None,
+    groups: int,
+    window: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention for grouped queries without copying K and V per query head.
+
+    query (1, Hq, q, d), key/value (1, Hkv, K, d); the mask is :func:`visible_mask`. Query head
+    ``h * groups + g`` reads KV head h, so the queries are regrouped to (1, Hkv, groups * q, d)
+    and multiplied against the un-repeated keys and values. Returns the output (1, Hq, q, d) and
+    the fp32 softmax probabilities (1, Hkv, groups, q, K).
+    """
+    _, hq, q_len, dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    grouped = query.reshape(1, kv_heads, groups * q_len, dim)  # rows: (group, query)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).mul_(scaling)  # (1, Hkv, groups * q, K)
     if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # (1, Hq, q, K)
-    out = torch.matmul(probs.to(value.dtype), v)
-    return out, probs
+        scores.div_(softcap).tanh_().mul_(softcap)
+    scores = scores.view(1, kv_heads, groups, q_len, kv_len)
+    if window is None:  # every older key is visible: only this call's own (q, q) block is causal
+        scores[..., kv_len - q_len :].masked_fill_(~visible_mask(q_len, q_len, None, query.device), float("-inf"))
+    else:
+        scores.masked_fill_(~visible_mask(q_len, kv_len, window, query.device), float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # (1, Hkv, groups, q, K)
+    out = torch.matmul(probs.view(1, kv_heads, groups * q_len, kv_len).to(value.dtype), value)
+    return out.view(1, hq, q_len, dim), probs
 
 
 def namm_attention(
@@ -90,16 +109,17 @@ def namm_attention(
     q_len, kv_len = query.shape[2], key.shape[2]
     groups = query.shape[1] // key.shape[1]
     managed = layer in hook.managed
-    mask = visible_mask(q_len, kv_len, None if managed else window, query.device)
+    window = None if managed else window
 
     if managed and hook.need_attn:
-        out, probs = _eager(query, key, value, mask, scaling, softcap, groups)
-        attn = probs[0].view(key.shape[1], groups, q_len, kv_len).mean(dim=1)  # (kv_heads, q, K)
+        out, probs = _eager(query, key, value, scaling, softcap, groups)
+        attn = probs[0].mean(dim=1)  # (kv_heads, q, K): query heads averaged per KV group
         hook.observe(layer, attn, key[0])
     else:
         if softcap is not None:
-            out, _ = _eager(query, key, value, mask, scaling, softcap, groups)
+            out, _ = _eager(query, key, value, scaling, softcap, groups, window)
         else:
+            mask = visible_mask(q_len, kv_len, window, query.device)
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
         if managed:
             hook.observe(layer, None, key[0])

@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("generate", "calibrate", "eval", "evolve")
+COMMANDS = ("generate", "inspect", "calibrate", "eval", "evolve")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,10 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if args.quiet:  # transformers' own bars (GGUF de-quantising, weight loading)
-        from transformers.utils import logging as hf_logging
+    if args.quiet:  # transformers' bars (weights, GGUF de-quantising), warnings and deprecation notices
+        from namm.progress import silence_third_party
 
-        hf_logging.disable_progress_bar()
+        silence_third_party()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -7,8 +7,10 @@ called on a fixed schedule (every ``delay`` tokens processed, prefill and decodi
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
@@ -16,10 +18,13 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogit
 from namm.models import check_supported
 from namm.policies.base import MemoryPolicy
 from namm.policies.full import FullCache
+from namm.prefix import PrefixStore
 from namm.report import MemoryReport
 from namm.sequence import EngineConfig, MemorySequence, namm_attention_installed
 
-__all__ = ["Engine", "EngineConfig", "GenerationOutput"]
+__all__ = ["Engine", "EngineConfig", "GenerationOutput", "format_conditions"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,20 +45,27 @@ class Engine:
     model, tokenizer
         A transformers causal LM (batch size 1) and its tokenizer (needed for text prompts).
     policy
-        The default :class:`~namm.policies.base.MemoryPolicy`; ``None`` keeps the full cache.
+        The default :class:`~namm.policies.base.MemoryPolicy`; ``None`` keeps the full cache. A
+        NAMM policy brings the conditions it was evolved under: without ``config`` the engine runs
+        its schedule, and calls with ``chat=None`` use its chat choice (:meth:`conditions`).
     config
         The schedule (:class:`EngineConfig`); keyword overrides such as ``delay=256`` also work.
+    prefix_store
+        A :class:`~namm.prefix.PrefixStore`: prompts read again (under any policy that can share,
+        e.g. another NAMM) reuse the state of their first ``delay`` tokens instead of recomputing it.
     """
 
     def __init__(self, model, tokenizer=None, policy: MemoryPolicy | None = None,
-                 config: EngineConfig | None = None, **overrides):
+                 config: EngineConfig | None = None, prefix_store: PrefixStore | None = None, **overrides):
         check_supported(model)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.policy = policy
-        base = config or EngineConfig()
+        base = config or EngineConfig(**getattr(policy, "schedule", {}))
         self.config = EngineConfig(**{**base.__dict__, **overrides}) if overrides else base
         self.device = next(model.parameters()).device
+        self.prefix_store = prefix_store
+        self._warned: set[tuple] = set()
 
     # -- building blocks -----------------------------------------------------------------------
     def start(self, policy: MemoryPolicy | None = None) -> MemorySequence:
@@ -94,6 +106,33 @@ class Engine:
             raise ValueError("The prompt is empty; give at least one token.")
         return ids
 
+    def chat_for(self, chat: bool | None, policy: MemoryPolicy | None = None) -> bool | None:
+        """``chat`` if given, else the choice the policy was evolved with (a NAMM's recorded
+        ``chat``), else None (:meth:`generate` then uses the tokenizer's template if it has one)."""
+        return chat if chat is not None else getattr(policy or self.policy, "chat", None)
+
+    def _check_schedule(self, policy: MemoryPolicy | None) -> None:
+        """Say once when a policy runs under another schedule than the one it was evolved with."""
+        recorded = getattr(policy or self.policy, "schedule", {})
+        differ = tuple(sorted((k, v, getattr(self.config, k)) for k, v in recorded.items()
+                              if getattr(self.config, k) != v))
+        if differ and differ not in self._warned:
+            self._warned.add(differ)
+            log.warning("the policy was evolved with %s but this engine runs %s; build the engine with "
+                        "Engine(model, tokenizer, policy=...) to use its schedule",
+                        ", ".join(f"{k}={v}" for k, v, _ in differ), ", ".join(f"{k}={e}" for k, _, e in differ))
+
+    def conditions(self, policy: MemoryPolicy | None = None, chat: bool | None = None) -> dict[str, Any]:
+        """What a :meth:`generate` call with ``policy`` and ``chat`` runs under: the schedule, the
+        chat choice and the policy's keep rule (for reports; :func:`format_conditions` prints it)."""
+        chat = self.chat_for(chat, policy)
+        if chat is None:
+            chat = bool(getattr(self.tokenizer, "chat_template", None))
+        c = self.config
+        return {"chunk_size": c.chunk_size, "delay": c.delay, "evict_at_prefill_end": c.evict_at_prefill_end,
+                "evict_during_prefill": c.evict_during_prefill, "chat": chat,
+                "keep": (policy or self.policy or FullCache()).describe_keep()}
+
     def _check_length(self, n_prompt: int, max_new_tokens: int) -> None:
         limit = self.max_length()
         if limit is not None and n_prompt + max_new_tokens > limit:
@@ -128,7 +167,8 @@ class Engine:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
         if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
             raise ValueError("Sampling needs temperature > 0 and 0 < top_p <= 1.")
-        ids = self.encode(prompt, chat)
+        self._check_schedule(policy)
+        ids = self.encode(prompt, self.chat_for(chat, policy))
         self._check_length(ids.numel(), max_new_tokens)
         warpers = LogitsProcessorList()
         if do_sample:
@@ -141,7 +181,7 @@ class Engine:
         t0 = time.perf_counter()
         with self.running():
             seq = self.start(policy)
-            logits = seq.feed(ids, end_of_prompt=True)
+            logits = seq.feed(ids, end_of_prompt=True, prefix_store=self.prefix_store)
             t1 = time.perf_counter()
             for step in range(max_new_tokens):
                 token = self._choose(logits, do_sample, warpers, generator, ids, tokens)
@@ -186,15 +226,16 @@ class Engine:
         return any(s in tail for s in stop)
 
     # -- scoring -------------------------------------------------------------------------------
-    def loglikelihood(self, context, continuation, policy: MemoryPolicy | None = None, chat: bool = False,
+    def loglikelihood(self, context, continuation, policy: MemoryPolicy | None = None, chat: bool | None = None,
                       return_report: bool = False):
         """Teacher-forced sum of log p(continuation | context) with the policy evicting on schedule.
 
-        ``context`` is formatted as for :meth:`generate` when ``chat`` is set; ``continuation`` is
-        text (tokenised without special tokens) or ids. With ``return_report`` returns
-        ``(loglik, n_continuation_tokens, MemoryReport)``.
+        ``context`` is formatted as for :meth:`generate` when ``chat`` is set (None: the policy's
+        recorded choice, else raw); ``continuation`` is text (tokenised without special tokens) or
+        ids. With ``return_report`` returns ``(loglik, n_continuation_tokens, MemoryReport)``.
         """
-        ctx = self.encode(context, chat=chat)
+        self._check_schedule(policy)
+        ctx = self.encode(context, chat=bool(self.chat_for(chat, policy)))
         if isinstance(continuation, str):
             if self.tokenizer is None:
                 raise ValueError("Text continuations need a tokenizer: Engine(model, tokenizer, ...).")
@@ -203,8 +244,18 @@ class Engine:
         self._check_length(ctx.numel(), cont.numel())
         with self.running():
             seq = self.start(policy)
-            first = seq.feed(ctx, end_of_prompt=True)[None]
+            first = seq.feed(ctx, end_of_prompt=True, prefix_store=self.prefix_store)[None]
             rest = seq.feed(cont[:-1], all_logits=True) if cont.numel() > 1 else first[:0]
         logp = torch.log_softmax(torch.cat([first, rest]).double(), dim=-1)
         total = float(logp.gather(1, cont.to(logp.device)[:, None]).sum())
         return (total, int(cont.numel()), seq.report()) if return_report else total
+
+
+def format_conditions(conditions: dict[str, Any]) -> str:
+    """One line for a report: "chunk 128, delay 512, evict during prefill + at prompt end, raw prompt, keep all"."""
+    c = conditions
+    steps = [name for name, on in (("during prefill", c["evict_during_prefill"]),
+                                   ("at prompt end", c["evict_at_prefill_end"])) if on]
+    evict = "evict " + " + ".join(steps) if steps else "evict while decoding only"
+    return (f"chunk {c['chunk_size']}, delay {c['delay']}, {evict}, "
+            f"{'chat template' if c['chat'] else 'raw prompt'}, keep {c['keep']}")

@@ -80,8 +80,10 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device):
         if importlib.util.find_spec(dep) is None:
             raise RuntimeError(f"Loading GGUF models needs the {dep!r} package: pip install {dep}")
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    return model.to(device), tokenizer
+    # transformers dequantises GGUF weights to plain tensors; it warns (wrongly, for the CPU) that
+    # asking for another dtype costs a cast per matmul, so load in float32 and cast once here
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.to(device=device, dtype=dtype), tokenizer
 
 
 def load_model(

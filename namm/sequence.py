@@ -16,6 +16,7 @@ from transformers import DynamicCache
 
 from namm.attention import ATTN_IMPLEMENTATION, LayerHook
 from namm.policies.base import CacheSpec, MemoryPolicy
+from namm.prefix import PrefixStore, prefix_key, restore_snapshot, take_snapshot
 from namm.report import CacheMeter, MemoryReport
 
 
@@ -93,23 +94,45 @@ class MemorySequence:
         policy.reset(self.spec)
 
     # -- feeding -------------------------------------------------------------------------------
-    def feed(self, ids: torch.Tensor, all_logits: bool = False, end_of_prompt: bool = False) -> torch.Tensor:
+    def feed(self, ids: torch.Tensor, all_logits: bool = False, end_of_prompt: bool = False,
+             prefix_store: PrefixStore | None = None) -> torch.Tensor:
         """Run ``ids`` (1-D or (1, n)) through the model in scheduled chunks.
 
         Returns logits (n, vocab) if ``all_logits`` else the last position's (vocab,).
+        ``prefix_store``: on an empty sequence, read the tokens up to the first eviction step from
+        the store (or compute them and store them), see :mod:`namm.prefix`.
         """
         ids = ids.reshape(-1).to(self.device)
-        outputs = []
-        for start, stop in list(self._chunks(ids.numel())):
-            logits = self._forward(ids[start:stop], all_logits)
+        outputs, done, pending = [], 0, None
+        if prefix_store is not None and self.seen == 0 and not all_logits:
+            n_prefix = self.first_eviction_point(ids.numel(), end_of_prompt)
+            key = prefix_key(self, ids[:n_prefix])
+            snap = None if key is None else prefix_store.get(key)
+            if snap is not None:
+                outputs.append(restore_snapshot(self, snap)[None])
+                done = n_prefix
+                self._evict_on_grid(end_of_prompt)
+            elif key is not None:
+                pending = (key, n_prefix)
+        for start, stop in list(self._chunks(ids.numel() - done)):
+            logits = self._forward(ids[done + start : done + stop], all_logits)
             outputs.append(logits)
-            on_grid = self.seen % self.config.delay == 0
-            if on_grid and (self.config.evict_during_prefill or not end_of_prompt):
-                self.evict()
+            if pending is not None and self.seen == pending[1]:
+                prefix_store.put(pending[0], take_snapshot(self, logits[-1]))
+            self._evict_on_grid(end_of_prompt)
         if end_of_prompt and self.config.evict_at_prefill_end:
             if self.seen % self.config.delay != 0 or not self.config.evict_during_prefill:
                 self.evict()
         return torch.cat(outputs, dim=0) if all_logits else outputs[-1][-1]
+
+    def _evict_on_grid(self, end_of_prompt: bool) -> None:
+        if self.seen % self.config.delay == 0 and (self.config.evict_during_prefill or not end_of_prompt):
+            self.evict()
+
+    def first_eviction_point(self, n: int, end_of_prompt: bool) -> int:
+        """Tokens of an ``n``-token feed read before its first eviction step (from an empty cache)."""
+        grid = self.config.evict_during_prefill or not end_of_prompt
+        return self.config.delay if grid and self.config.delay <= n else n
 
     def _chunks(self, n: int):
         """Split points at absolute multiples of chunk_size and of delay."""
@@ -152,12 +175,15 @@ class MemorySequence:
     # -- eviction ------------------------------------------------------------------------------
     def evict(self) -> None:
         """Ask the policy which tokens each managed layer keeps and shrink the cache to them."""
-        kept: dict[int, torch.Tensor] = {}
+        self.policy.begin_eviction()
+        chosen: dict[int, torch.Tensor] = {}
         for layer in self.spec.managed_layers:
             idx = self.policy.select(layer)
-            if idx is None:
-                continue
-            idx = self._check_indices(layer, idx)
+            if idx is not None:
+                chosen[layer] = self._check_shape(layer, idx)
+        self._check_order(chosen)
+        kept: dict[int, torch.Tensor] = {}
+        for layer, idx in chosen.items():
             cache_layer = self.cache.layers[layer]
             gather = idx[None, :, :, None].expand(1, -1, -1, cache_layer.keys.shape[-1])
             cache_layer.keys = cache_layer.keys.gather(2, gather)
@@ -168,17 +194,29 @@ class MemorySequence:
         if self.config.record_evictions:
             self.eviction_log.append((self.seen, {k: v.clone() for k, v in kept.items()}))
 
-    def _check_indices(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
-        cache_len = self.positions[layer].shape[1]
-        name = type(self.policy).__name__
+    def _check_shape(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         idx = idx.to(self.device, torch.long)
         if idx.dim() != 2 or idx.shape[0] != self.spec.kv_heads or idx.shape[1] == 0:
             raise RuntimeError(
-                f"{name}.select({layer}) returned shape {tuple(idx.shape)}; expected (kv_heads={self.spec.kv_heads}, n_keep>0)."
+                f"{type(self.policy).__name__}.select({layer}) returned shape {tuple(idx.shape)}; "
+                f"expected (kv_heads={self.spec.kv_heads}, n_keep>0)."
             )
-        if idx.min() < 0 or idx.max() >= cache_len or (idx.shape[1] > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all())):
-            raise RuntimeError(f"{name}.select({layer}) must return strictly ascending indices in [0, {cache_len}).")
         return idx
+
+    def _check_order(self, chosen: dict[int, torch.Tensor]) -> None:
+        """Every layer's indices strictly ascending and in range, with one host sync per step."""
+        if not chosen:
+            return
+        bad = torch.stack([
+            (idx.min() < 0) | (idx.max() >= self.positions[layer].shape[1]) | (idx[:, 1:] <= idx[:, :-1]).any()
+            for layer, idx in chosen.items()
+        ])  # (layers,) bool
+        if bool(bad.any()):
+            layer = list(chosen)[int(bad.int().argmax())]
+            raise RuntimeError(
+                f"{type(self.policy).__name__}.select({layer}) must return strictly ascending indices in "
+                f"[0, {self.positions[layer].shape[1]})."
+            )
 
     # -- measurements --------------------------------------------------------------------------
     def lengths(self) -> list[int]:

@@ -216,6 +216,24 @@ def test_policy_sees_one_layer_chunk_at_a_time():
     assert policy.attn_shapes[9][1] == (2, 1, 38 + 32 + 1)
 
 
+def test_begin_eviction_once_per_step_before_select():
+    calls = []
+
+    class Recording(DropRandom):
+        def begin_eviction(self):
+            calls.append("begin")
+
+        def select(self, layer):
+            calls.append(layer)
+            return super().select(layer)
+
+    model, _ = tiny_model("llama", seed=7)
+    engine = Engine(model, config=EngineConfig(chunk_size=32, delay=64))
+    with engine.running():
+        engine.start(Recording()).feed(torch.randint(0, 256, (150,)), end_of_prompt=True)
+    assert calls == ["begin", 0, 1, 2] * 3  # steps at 64, 128 and the prompt end (150)
+
+
 def test_chunks_split_on_delay_grid():
     model, _ = tiny_model("llama", seed=8)
     engine = Engine(model, config=EngineConfig(chunk_size=48, delay=64, record_evictions=True))

@@ -15,6 +15,7 @@ import torch
 from namm.commands.common import add_engine_args, add_model_args, engine_config_from_args, model_from_args
 from namm.engine import Engine, EngineConfig
 from namm.memory import NAMM, NAMMConfig
+from namm.memory.model import schedule_of
 from namm.memory.calibration import calibrate
 from namm.policies.namm import load_namm
 from namm.tasks import load_task
@@ -46,14 +47,15 @@ def run(args: argparse.Namespace) -> int:
         gen = torch.Generator().manual_seed(args.seed)
         noise = torch.randn(namm.num_params, generator=gen, dtype=torch.float64).float() * args.perturb
         namm = namm.with_params(namm.get_flat() + noise)
-    schedule = EngineConfig(chunk_size=namm.config.chunk_size, delay=namm.config.delay)
-    engine = Engine(model, tokenizer, config=engine_config_from_args(args, schedule))
+    engine = Engine(model, tokenizer, config=engine_config_from_args(args, EngineConfig(**namm.config.schedule)))
     prompts = []
     for task in [t for t in args.tasks.split(",") if t]:
         for length in [int(x) for x in args.lengths.split(",") if x]:
             samples = load_task(task, tokenizer, length=length, n=args.samples, seed=args.seed, split="train")
             prompts.extend(s.prompt for s in samples)
-    namm = namm.with_config(chunk_size=engine.config.chunk_size, delay=engine.config.delay)
+    # the NAMM records the conditions it is calibrated (and will be evolved and run) under
+    chat = namm.config.chat if args.chat is None else args.chat
+    namm = namm.with_config(**schedule_of(engine.config), chat=chat)
     namm = calibrate(engine, namm, prompts, progress=not args.quiet)
     path = namm.save_pretrained(args.out)
     print(f"calibrated NAMM on {len(prompts)} prompts -> {path}")

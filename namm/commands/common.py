@@ -11,6 +11,25 @@ from namm.policies import POLICIES, MemoryPolicy, make_policy
 from namm.sequence import EngineConfig
 
 
+def add_prompt_args(parser: argparse.ArgumentParser) -> None:
+    """PROMPT ('-': stdin), --file and a command-level --quiet (generate, inspect)."""
+    parser.add_argument("prompt", nargs="?", help="the prompt, or the question when --file gives the document; "
+                        "'-' reads it from stdin")
+    parser.add_argument("--file", help="read the prompt (a document) from this file; PROMPT is appended after it")
+    parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or warnings")
+
+
+def engine_from_args(args: argparse.Namespace):
+    """``(prompt, policy, Engine)`` as the prompt, policy, model and schedule flags say."""
+    from namm.engine import Engine
+
+    prompt = read_prompt(args.prompt, args.file)
+    policy = policy_from_args(args)
+    model, tokenizer = model_from_args(args)
+    return prompt, policy, Engine(model, tokenizer, policy=policy,
+                                  config=engine_config_from_args(args, policy_schedule(policy)))
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=DEFAULT_MODEL,
@@ -20,13 +39,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("engine schedule")
+    """The schedule and prompt format; unset, they default to what a NAMM was evolved with."""
+    group = parser.add_argument_group("engine schedule (default: the NAMM's recorded conditions, if any)")
     group.add_argument("--chunk-size", type=int, default=None, help="prefill chunk in tokens (default 128)")
     group.add_argument("--delay", type=int, default=None, help="evict every DELAY tokens processed (default 512)")
-    group.add_argument("--no-evict-at-prefill-end", action="store_true",
-                       help="only evict on the DELAY grid (as the reference NAMM), not also when the prompt ends")
-    group.add_argument("--no-evict-during-prefill", action="store_true",
-                       help="cache the whole prompt and compress it once at its end (SnapKV as published)")
+    group.add_argument("--evict-at-prefill-end", action=argparse.BooleanOptionalAction, default=None,
+                       help="also evict when the prompt ends (default on); --no-evict-at-prefill-end: only on "
+                            "the DELAY grid, as the reference NAMM")
+    group.add_argument("--evict-during-prefill", action=argparse.BooleanOptionalAction, default=None,
+                       help="evict on the DELAY grid while reading the prompt (default on); "
+                            "--no-evict-during-prefill: compress the prompt once at its end (SnapKV as published)")
+    group.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                       help="wrap the prompt in the tokenizer's chat template (--no-chat: raw)")
 
 
 def add_policy_args(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +63,10 @@ def add_policy_args(parser: argparse.ArgumentParser) -> None:
 
 
 def model_from_args(args: argparse.Namespace):
-    return load_model(args.model, dtype=args.dtype, device=args.device)
+    from namm.progress import loading
+
+    with loading(f"loading model {args.model}", enabled=not getattr(args, "quiet", False)):
+        return load_model(args.model, dtype=args.dtype, device=args.device)
 
 
 def engine_config_from_args(args: argparse.Namespace, defaults: EngineConfig | None = None) -> EngineConfig:
@@ -48,13 +75,17 @@ def engine_config_from_args(args: argparse.Namespace, defaults: EngineConfig | N
     return EngineConfig(
         chunk_size=args.chunk_size or base.chunk_size,
         delay=args.delay or base.delay,
-        evict_at_prefill_end=base.evict_at_prefill_end and not args.no_evict_at_prefill_end,
-        evict_during_prefill=base.evict_during_prefill and not args.no_evict_during_prefill,
+        evict_at_prefill_end=_flag(args.evict_at_prefill_end, base.evict_at_prefill_end),
+        evict_during_prefill=_flag(args.evict_during_prefill, base.evict_during_prefill),
     )
 
 
+def _flag(value: bool | None, default: bool) -> bool:
+    return default if value is None else value
+
+
 def policy_schedule(policy: MemoryPolicy) -> EngineConfig:
-    """The engine schedule a policy was made for (a NAMM's chunk size and delay), else the defaults."""
+    """The engine schedule a policy was made for (a NAMM's recorded one), else the defaults."""
     return EngineConfig(**getattr(policy, "schedule", {}))
 
 
@@ -82,7 +113,10 @@ def policy_from_args(args: argparse.Namespace) -> MemoryPolicy:
 
 
 def read_prompt(prompt: str | None, file: str | None) -> str:
-    """The prompt from a file (a document), an argument (a question), or both; else stdin."""
+    """The prompt from a file (a document), an argument (a question, "-" reads it from stdin), or
+    both; with neither, stdin."""
+    if prompt == "-":
+        prompt = sys.stdin.read()
     parts = []
     if file:
         path = Path(file)

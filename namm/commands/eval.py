@@ -1,5 +1,9 @@
 """``namm eval``: compare KV-cache methods on tasks, lengths and cache budgets, resumably.
 
+The schedule and prompt format (--chunk-size, --delay, --[no-]evict-*, --[no-]chat) default to
+the evaluated NAMM's recorded conditions when the methods include namm (every method runs under
+them), else to chunk 128, delay 512, both eviction steps on, raw prompts (as LongBench).
+
 Example::
 
     namm eval --model smollm2 --tasks passkey,niah_multikey --lengths 1024,2048 \\
@@ -11,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from namm.commands.common import add_engine_args, add_model_args
+from namm.commands.common import add_engine_args, add_model_args, model_from_args
 from namm.evaluation import EvalConfig, run_evaluation
 from namm.policies import POLICIES
 from namm.tasks import FILLERS, SYNTHETIC_TASKS
@@ -50,7 +54,6 @@ def add_parser(sub) -> None:
     p.add_argument("--filler", choices=FILLERS, default="prose", help="haystack of the synthetic tasks")
     p.add_argument("--namm", default=None, help="NAMM checkpoint folder or pretrained name (method 'namm')")
     p.add_argument("--data-dir", default=None, help="folder of <task>.jsonl files for benchmark tasks (offline)")
-    p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template (default: raw, as LongBench)")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bar")
     add_model_args(p)
     add_engine_args(p)
@@ -61,10 +64,9 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(
         model=args.model, tasks=args.tasks, lengths=args.lengths, methods=[m.lower() for m in args.methods],
         keep_ratios=args.keep_ratios, budgets=args.budgets, limit=args.limit, out=args.out, seed=args.seed,
-        split=args.split, filler=args.filler, chunk_size=args.chunk_size or 128, delay=args.delay or 512,
-        evict_at_prefill_end=not args.no_evict_at_prefill_end,
-        evict_during_prefill=not args.no_evict_during_prefill, namm=args.namm, data_dir=args.data_dir,
-        chat=args.chat, dtype=args.dtype, device=args.device,
+        split=args.split, filler=args.filler, chunk_size=args.chunk_size, delay=args.delay,
+        evict_at_prefill_end=args.evict_at_prefill_end, evict_during_prefill=args.evict_during_prefill,
+        namm=args.namm, data_dir=args.data_dir, chat=args.chat, dtype=args.dtype, device=args.device,
     )
 
 
@@ -73,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
     for method in config.methods:
         if method not in POLICIES:
             raise ValueError(f"Unknown method {method!r}; known: {', '.join(POLICIES)}.")
-    run_evaluation(config, progress=not getattr(args, "quiet", False))
+    quiet = getattr(args, "quiet", False)
+    model, tokenizer = model_from_args(args)  # with a loading bar unless --quiet
+    run_evaluation(config, model, tokenizer, progress=not quiet)
     out = Path(config.out)
     print((out / "results.md").read_text(encoding="utf-8"))
     print(f"Wrote {out / 'results.csv'}, results.json, results.md, results.png and rows.jsonl in {out}.")

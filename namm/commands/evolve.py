@@ -28,7 +28,7 @@ def add_parser(subparsers) -> None:
         "evolve", help="evolve a NAMM with CMA-ES (resumable; local or Ray)",
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", help="the run's TOML file (see examples/smollm2-passkey.toml)")
+    p.add_argument("config", help="the run's TOML file (see examples/smollm2-default.toml)")
     p.add_argument("--resume", action="store_true", help="continue the run in its output folder")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (overrides output_dir in the file)")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no live progress display")
@@ -56,9 +56,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _log_event(kind: str, data: dict[str, Any]) -> None:
+    if kind == "start":
+        log.info("run %s under: %s", data["run_dir"], data["conditions"])
     if kind == "generation":
-        log.info("generation %d: best %.4f mean %.4f kept %.1f%% (%.1fs)", data["generation"], data["fitness_best"],
-                 data["fitness_mean"], 100 * data["kept_mean"], data["seconds"])
+        log.info("generation %d: best %.4f mean %.4f kept %.1f%% (%.1fs); %s", data["generation"], data["fitness_best"],
+                 data["fitness_mean"], 100 * data["kept_mean"], data["seconds"], members_line(data))
+
+
+def members_line(row: dict[str, Any]) -> str:
+    """Every member's score (weighted task ratio before cache terms) and kept cache, in member order."""
+    pairs = zip(row.get("member_score", []), row.get("member_kept", []))
+    return "members score/kept: " + " ".join(f"{score:.3f}/{kept:.0%}" for score, kept in pairs)
 
 
 class LiveDisplay:
@@ -92,6 +100,7 @@ class LiveDisplay:
         elif kind == "start":
             self.console.print(f"run {data['run_dir']}: {data['params']} parameters, population {data['popsize']}"
                                + (f", resuming at generation {data['generation']}" if data["generation"] else ""))
+            self.console.print(f"conditions (recorded in the NAMM): {data['conditions']}")
             self._ensure(data["total"], data["generation"])
         elif kind == "member" and self.task is not None:
             self.progress.update(self.task, status=f"gen {data['generation']}: member {data['member'] + 1}/{data['popsize']}")
@@ -101,6 +110,7 @@ class LiveDisplay:
             if data.get("eval_fitness") is not None:
                 line += f" | eval {data['eval_fitness']:.4f} kept {data['eval_kept']:.1%}"
             self.progress.console.print(line)
+            self.progress.console.print(f"     {members_line(data)}", highlight=False)
             self.progress.update(self.task, advance=1, status="")
 
     def stop(self) -> None:

@@ -6,25 +6,21 @@ import argparse
 import json
 import sys
 
-from namm.commands.common import (add_engine_args, add_model_args, add_policy_args, engine_config_from_args,
-                                  model_from_args, policy_from_args, policy_schedule, read_prompt)
-from namm.engine import Engine
+from namm.commands.common import add_engine_args, add_model_args, add_policy_args, add_prompt_args, engine_from_args
+from namm.engine import format_conditions
+from namm.progress import generation_progress
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate under a memory policy and print a memory report",
                        description="Read a prompt (argument, --file, or stdin) and generate under a KV-cache policy.")
-    p.add_argument("prompt", nargs="?", help="the prompt, or the question when --file gives the document")
-    p.add_argument("--file", help="read the prompt (a document) from this file; PROMPT is appended after it")
+    add_prompt_args(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    chat = p.add_mutually_exclusive_group()
-    chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="use the chat template")
-    chat.add_argument("--no-chat", dest="chat", action="store_false", help="raw prompt, no chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     add_model_args(p)
     add_policy_args(p)
@@ -33,23 +29,23 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    prompt = read_prompt(args.prompt, args.file)
-    policy = policy_from_args(args)
-    model, tokenizer = model_from_args(args)
-    engine = Engine(model, tokenizer, policy=policy, config=engine_config_from_args(args, policy_schedule(policy)))
-    out = engine.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                          temperature=args.temperature, top_p=args.top_p, stop=args.stop, chat=args.chat,
-                          seed=args.seed)
+    prompt, policy, engine = engine_from_args(args)
+    with generation_progress(engine, prompt, args.max_new_tokens, args.chat, policy, enabled=not args.quiet):
+        out = engine.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                              temperature=args.temperature, top_p=args.top_p, stop=args.stop, chat=args.chat,
+                              seed=args.seed)
     r = out.report
+    conditions = engine.conditions(policy, args.chat)  # what ran: a NAMM's recorded conditions unless overridden
     if args.json:
         json.dump({"text": out.text, "policy": args.policy, "model": args.model, "prompt_tokens": out.prompt_tokens,
-                   "new_tokens": len(out.token_ids), "finish_reason": out.finish_reason,
+                   "new_tokens": len(out.token_ids), "finish_reason": out.finish_reason, "conditions": conditions,
                    "memory": r.to_dict(), "timings": out.timings}, sys.stdout, indent=2)
         print()
         return 0
     print(out.text.strip())
     print()
     print(f"--- memory ({args.policy}) ---")
+    print(f"conditions       {format_conditions(conditions)}")
     kept_tokens = sum(r.final_len) / max(len(r.final_len), 1)
     print(f"tokens seen      {r.tokens_seen} ({out.prompt_tokens} prompt + {len(out.token_ids)} generated)")
     print(f"tokens kept      {kept_tokens:.0f} per layer = {r.kept_fraction:.1%} (mean {r.mean_fraction:.1%}, "

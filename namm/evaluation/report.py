@@ -77,9 +77,10 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def markdown_table(groups: list[dict[str, Any]], summary: list[dict[str, Any]], title: str = "") -> str:
+def markdown_table(groups: list[dict[str, Any]], summary: list[dict[str, Any]], title: str = "",
+                   conditions: str = "") -> str:
     """Scores per task (columns) for each method and setting, with mean score, mean and peak
-    kept-cache fraction (of tokens seen, measured) and throughput."""
+    kept-cache fraction (of tokens seen, measured) and throughput; ``conditions`` says what ran."""
     columns = sorted({_column(g) for g in groups})
     cell = {(g["method"], g["setting"], _column(g)): g for g in groups}
     header = ["method", "setting", *columns, "mean score", "final cache", "mean cache", "peak cache", "tokens/s"]
@@ -99,11 +100,15 @@ def markdown_table(groups: list[dict[str, Any]], summary: list[dict[str, Any]], 
                  "cache fractions are the KV cache the engine measured, as a share of tokens seen: final = "
                  "kept at the end, mean = averaged over the run (what each token was computed against), "
                  "peak = largest held at any moment.")
+    if conditions:
+        lines += ["", f"Every method ran under: {conditions}."]
     return "\n".join(line for line in lines if line is not None) + "\n"
 
 
-def write_reports(rows: list[dict[str, Any]], out_dir: str | Path, title: str = "") -> dict[str, Path]:
-    """Write results.csv, results.json, results.md and results.png into ``out_dir``."""
+def write_reports(rows: list[dict[str, Any]], out_dir: str | Path, title: str = "",
+                  conditions: str = "") -> dict[str, Path]:
+    """Write results.csv, results.json, results.md and results.png into ``out_dir``; ``conditions``
+    (the schedule and prompt format every method ran under) goes into the JSON and Markdown."""
     out_dir = Path(out_dir)
     groups = aggregate(rows)
     summary = summarize(groups)
@@ -113,9 +118,9 @@ def write_reports(rows: list[dict[str, Any]], out_dir: str | Path, title: str = 
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(groups)
-    paths["json"].write_text(json.dumps({"title": title, "rows": len(rows), "groups": groups, "summary": summary},
-                                        indent=2), encoding="utf-8")
-    paths["md"].write_text(markdown_table(groups, summary, title), encoding="utf-8")
+    paths["json"].write_text(json.dumps({"title": title, "conditions": conditions, "rows": len(rows),
+                                         "groups": groups, "summary": summary}, indent=2), encoding="utf-8")
+    paths["md"].write_text(markdown_table(groups, summary, title, conditions), encoding="utf-8")
     from namm.evaluation.plot import plot_score_vs_cache
 
     plot_score_vs_cache(summary, paths["png"], title=title)

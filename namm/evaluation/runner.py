@@ -7,10 +7,13 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from namm.tasks import Sample, load_task, resolve_task, score_sample
 from namm.tasks.jsonl import truncate_sample
+
+if TYPE_CHECKING:
+    from namm.memory.model import NAMMConfig
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +24,19 @@ BUDGETLESS = frozenset({"full"})  # run once, no budget
 EMERGENT = frozenset({"namm"})  # run at its own (emergent) size, then once per --budgets cap
 
 
+CONDITION_DEFAULTS: dict[str, Any] = {"chunk_size": 128, "delay": 512, "evict_at_prefill_end": True,
+                                      "evict_during_prefill": True, "chat": False}
+
+
 @dataclass
 class EvalConfig:
-    """One evaluation run; the ``namm eval`` flags map onto these fields one to one."""
+    """One evaluation run; the ``namm eval`` flags map onto these fields one to one.
+
+    The conditions (``chunk_size``, ``delay``, ``evict_at_prefill_end``, ``evict_during_prefill``,
+    ``chat``) left None are filled by :func:`resolve_conditions`: from the evaluated NAMM's
+    recorded conditions when the methods include ``namm`` (every method then runs under them, so
+    the comparison stays side by side), else from :data:`CONDITION_DEFAULTS`.
+    """
 
     model: str = "smollm2"
     tasks: list[str] = field(default_factory=lambda: ["passkey"])
@@ -36,13 +49,13 @@ class EvalConfig:
     seed: int = 0
     split: str = "test"
     filler: str = "prose"
-    chunk_size: int = 128
-    delay: int = 512
-    evict_at_prefill_end: bool = True
-    evict_during_prefill: bool = True
+    chunk_size: int | None = None
+    delay: int | None = None
+    evict_at_prefill_end: bool | None = None
+    evict_during_prefill: bool | None = None
     namm: str | None = None
     data_dir: str | None = None
-    chat: bool = False
+    chat: bool | None = None
     dtype: str | None = None
     device: str | None = None
 
@@ -56,7 +69,9 @@ class EvalConfig:
         if any(b < 1 for b in self.budgets) or any(n < 1 for n in self.lengths):
             raise ValueError("budgets and lengths are positive numbers of tokens.")
         for task in self.tasks:
-            resolve_task(task)  # fail fast on a typo
+            if resolve_task(task)[0] == "continuation":  # also fails fast on a typo
+                raise ValueError(f"{task!r} is a likelihood objective for `namm evolve` ([[tasks]]); namm eval "
+                                 "scores generated answers: choose a generation task.")
         budgeted = [m for m in self.methods if m not in BUDGETLESS | EMERGENT]
         if budgeted and not (self.keep_ratios or self.budgets):
             raise ValueError(
@@ -75,20 +90,61 @@ class Variant:
     budget: int | None = None
 
 
-def variants(config: EvalConfig) -> list[Variant]:
-    """Every (method, cache setting) the run evaluates."""
+def variants(config: EvalConfig, namm: NAMMConfig | None = None) -> list[Variant]:
+    """Every (method, cache setting) the run evaluates.
+
+    A NAMM evolved in threshold mode runs at its emergent size, then once per ``budgets`` cap; one
+    evolved in budget mode (``namm``'s recorded keep) is a ranking, run like the baselines at its
+    own keep_ratio first, then at the other ``keep_ratios`` and ``budgets``.
+    """
     out = []
     for method in config.methods:
         if method in BUDGETLESS:
             out.append(Variant(method, "full", {}))
+        elif method in EMERGENT and namm is not None and namm.keep == "budget":
+            ratios = [namm.keep_ratio] + [r for r in config.keep_ratios if r != namm.keep_ratio]
+            out += _sized(method, ratios, config.budgets, {"namm": config.namm})
         elif method in EMERGENT:
             base = {"namm": config.namm} if config.namm else {}
             out.append(Variant(method, "emergent", base))
             out += [Variant(method, f"cap={b}", {**base, "max_cache": b}, budget=b) for b in config.budgets]
         else:
-            out += [Variant(method, f"keep={r:g}", {"keep_ratio": r}, keep_ratio=r) for r in config.keep_ratios]
-            out += [Variant(method, f"budget={b}", {"budget": b}, budget=b) for b in config.budgets]
+            out += _sized(method, config.keep_ratios, config.budgets, {})
     return out
+
+
+def _sized(method: str, ratios: list[float], budgets: list[int], base: dict[str, Any]) -> list[Variant]:
+    out = [Variant(method, f"keep={r:g}", {**base, "keep_ratio": r}, keep_ratio=r) for r in ratios]
+    return out + [Variant(method, f"budget={b}", {**base, "budget": b}, budget=b) for b in budgets]
+
+
+def resolve_conditions(config: EvalConfig, tokenizer=None) -> tuple[EvalConfig, NAMMConfig | None]:
+    """``config`` with every condition set, and the evaluated NAMM's config (None without one).
+
+    Without ``--namm`` the first shipped pretrained NAMM is evaluated, if any. A condition given
+    explicitly wins; else the NAMM's recorded value (a NAMM that records no chat choice gets the
+    tokenizer's template if it has one, as :meth:`namm.engine.Engine.generate` does); else the
+    default.
+    """
+    from namm.memory.model import available_pretrained
+    from namm.policies.namm import load_namm
+
+    namm = None
+    if any(m in EMERGENT for m in config.methods):
+        shipped = available_pretrained()
+        if config.namm is None and shipped:
+            config = replace(config, namm=shipped[0])
+        if config.namm is not None:
+            namm = load_namm(config.namm).config
+    recorded: dict[str, Any] = {}
+    if namm is not None:
+        auto_chat = bool(getattr(tokenizer, "chat_template", None))
+        recorded = {**namm.schedule, "chat": auto_chat if namm.chat is None else namm.chat}
+    filled = {}
+    for key, default in CONDITION_DEFAULTS.items():
+        given = getattr(config, key)
+        filled[key] = given if given is not None else recorded.get(key, default)
+    return replace(config, **filled), namm
 
 
 def row_key(method: str, setting: str, task: str, length: int | None, sample_id: str) -> str:
@@ -149,24 +205,25 @@ def _row(variant: Variant, task: str, length: int | None, sample: Sample, out) -
 def run_evaluation(config: EvalConfig, model=None, tokenizer=None, progress: bool = True) -> list[dict[str, Any]]:
     """Run every missing row, append each to ``<out>/rows.jsonl``, write the reports; return all
     rows of this configuration (finished earlier or now)."""
-    from namm.engine import Engine, EngineConfig
+    from namm.engine import Engine, EngineConfig, format_conditions
     from namm.evaluation.report import write_reports
     from namm.policies import make_policy
 
     out_dir = Path(config.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
     if model is None:
         from namm.models import load_model
 
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    config, namm = resolve_conditions(config, tokenizer)
+    (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
     engine = Engine(model, tokenizer, config=EngineConfig(
         chunk_size=config.chunk_size, delay=config.delay, evict_at_prefill_end=config.evict_at_prefill_end,
         evict_during_prefill=config.evict_during_prefill))
     window = engine.max_length()
     rows_path = out_dir / ROWS_FILE
     done = {row_key(r["method"], r["setting"], r["task"], r["length"], r["sample_id"]): r for r in load_rows(rows_path)}
-    plan = [_with_default_namm(v) for v in variants(config)]
+    plan = variants(config, namm)
     for v in plan:  # build each policy once up front so a bad setting fails before any work
         make_policy(v.method, **v.kwargs)
     work = list(_work(config, tokenizer, window))
@@ -187,20 +244,11 @@ def run_evaluation(config: EvalConfig, model=None, tokenizer=None, progress: boo
     bar.close()
     wanted = {row_key(v.method, v.setting, t, ln, s.id) for v in plan for t, ln, s in work}
     rows = [r for k, r in done.items() if k in wanted]
-    write_reports(rows, out_dir, title=f"namm eval: {config.model}")
+    conditions = engine.conditions(chat=config.chat)
+    evolved = f"; the NAMM was evolved with {make_policy('namm', namm=config.namm).describe_keep()}" if namm else ""
+    conditions["keep"] = f"per setting{evolved}"
+    write_reports(rows, out_dir, title=f"namm eval: {config.model}", conditions=format_conditions(conditions))
     return rows
-
-
-def _with_default_namm(variant: Variant) -> Variant:
-    """A NAMM variant without a checkpoint gets the first shipped pretrained NAMM, if any."""
-    if variant.method not in EMERGENT or "namm" in variant.kwargs:
-        return variant
-    from namm.memory.model import available_pretrained
-
-    shipped = available_pretrained()
-    if not shipped:
-        return variant  # make_policy then says how to pass one (--namm)
-    return replace(variant, kwargs={"namm": shipped[0], **variant.kwargs})
 
 
 def _progress(total: int, enabled: bool):

@@ -8,7 +8,8 @@ Layout of a run folder::
     state.pkl                   THE checkpoint: optimiser state, history, best evaluation
     mean/                       the CMA mean as a NAMM folder (NAMM.from_pretrained loads it)
     best/                       the mean with the best evaluation so far (when evaluations run)
-    log.csv, fitness.png        one row / point per generation
+    log.csv, fitness.png        one row / point per generation; log.csv also lists every member's
+                                fitness, score (weighted task ratio) and kept cache, in member order
 
 ``state.pkl`` is written first and atomically (temp file + ``os.replace``) after every generation;
 it is the only thing a resume reads. Everything else is derived from it and rewritten on resume,
@@ -33,7 +34,10 @@ CALIBRATION_FILE = "calibration.pt"
 STATE_FORMAT = "namm-evolve-1"
 
 LOG_COLUMNS = ("generation", "stage", "tasks", "fitness_best", "fitness_mean", "fitness_worst", "raw_mean",
-               "kept_mean", "kept_of_best", "sigma", "seconds", "eval_fitness", "eval_kept")
+               "kept_mean", "kept_of_best", "sigma", "seconds", "eval_fitness", "eval_kept",
+               "member_fitness", "member_score", "member_kept")
+# per-member columns (space-separated, member order) and the history key each one reads
+MEMBER_COLUMNS = {"member_fitness": "fitness", "member_score": "member_score", "member_kept": "member_kept"}
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -113,7 +117,7 @@ def write_log(path: Path, history: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in history:
-        writer.writerow({k: _fmt(row.get(k)) for k in LOG_COLUMNS})
+        writer.writerow({k: _fmt(row.get(MEMBER_COLUMNS.get(k, k))) for k in LOG_COLUMNS})
     atomic_write_text(path, buf.getvalue())
 
 
@@ -122,6 +126,8 @@ def _fmt(value: Any) -> Any:
         return ""
     if isinstance(value, float):
         return f"{value:.10g}"
+    if isinstance(value, (list, tuple)) and all(isinstance(v, float) for v in value):
+        return " ".join(f"{v:.4g}" for v in value)
     if isinstance(value, (list, tuple)):
         return "+".join(map(str, value))
     return value

@@ -7,12 +7,15 @@ Top-level keys are :class:`RunConfig` fields; each table is one nested dataclass
     backend = "local"            # or "ray"
     output_dir = "runs/passkey"
     eval_interval = 5            # evaluate the CMA mean every N generations (0: never)
+    chat = false                 # prompts wrapped in the tokenizer's chat template, or raw
 
-    [engine]                     # namm.engine.EngineConfig
+    [engine]                     # namm.engine.EngineConfig: the eviction schedule
     chunk_size = 128
     delay = 256
 
-    [namm]                       # keyword arguments of the NAMM (scorer, features, selection)
+    [namm]                       # namm.memory.NAMMConfig: scorer, features, keep mode
+    keep = "budget"              # or "threshold" (emergent size, optional max_cache)
+    keep_ratio = 0.25
 
     [optimizer]                  # namm.evolution.optimizer.CMAConfig (seed defaults to the run seed)
     popsize = 8
@@ -23,10 +26,15 @@ Top-level keys are :class:`RunConfig` fields; each table is one nested dataclass
     [[tasks]]                    # TaskSpec, one per task
     name = "passkey"
     length = 1024
+    weight = 1.0                 # its share of the fitness
 
     [[stages]]                   # StageConfig: incremental task sets, run in order
     tasks = ["passkey"]
     generations = 10
+
+The NAMM records the conditions it is evolved under (``chat``, the [engine] schedule, the keep
+mode of [namm]); its saved folders carry them, and ``namm generate`` / ``namm eval`` run it under
+them by default. So they are set once, here: [namm] may not set them itself.
 """
 
 from __future__ import annotations
@@ -46,21 +54,32 @@ from namm.sequence import EngineConfig
 
 FITNESS_MODES = ("metric", "loglik")
 BACKENDS = ("local", "ray")
+SPLITS = ("train", "test")
+# NAMMConfig fields the run sets itself, and where a config file sets them instead
+RUN_SETS = {"delay": "[engine] delay", "chunk_size": "[engine] chunk_size",
+            "evict_at_prefill_end": "[engine] evict_at_prefill_end",
+            "evict_during_prefill": "[engine] evict_during_prefill", "chat": "the top-level chat",
+            "evolved_on": "the top-level model"}
 
 
 @dataclass
 class TaskSpec:
     """One task of the run and the pool its prompts are drawn from.
 
-    name:    a task of ``namm.tasks`` (e.g. "passkey").
+    name:    a task of ``namm.tasks`` (e.g. "passkey"), or "continuation" (the dense objective:
+             the likelihood of the next tokens of held-back prose, see namm.tasks.continuation).
     length:  prompt length in tokens (synthetic tasks build prompts of about this length).
-    prompts: size of the prompt pool; every generation draws ``samples_per_task`` of them.
-    options: extra keyword arguments for the task generator.
+    prompts: size of the training pool; every generation draws ``samples`` of them.
+    samples: prompts drawn per generation (default: fitness.samples_per_task).
+    weight:  the task's weight in the fitness, a weighted mean of the per-task ratios.
+    options: extra keyword arguments for the task loader (namm.tasks.load_task).
     """
 
     name: str
     length: int = 1024
     prompts: int = 64
+    samples: int | None = None
+    weight: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -70,6 +89,15 @@ class TaskSpec:
             raise ValueError(f"Task {self.name!r}: length must be an integer >= 16 tokens, got {self.length!r}.")
         if not isinstance(self.prompts, int) or self.prompts < 1:
             raise ValueError(f"Task {self.name!r}: prompts (pool size) must be >= 1, got {self.prompts!r}.")
+        if self.samples is not None and (not isinstance(self.samples, int) or self.samples < 1):
+            raise ValueError(f"Task {self.name!r}: samples must be an integer >= 1, got {self.samples!r}.")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not self.weight > 0:
+            raise ValueError(f"Task {self.name!r}: weight must be a number > 0, got {self.weight!r}.")
+        from namm.tasks import TASK_OPTIONS
+
+        unknown = sorted(set(self.options) - set(TASK_OPTIONS))
+        if unknown:
+            raise ValueError(f"Task {self.name!r}: unknown options {unknown}; known: {list(TASK_OPTIONS)}.")
 
 
 @dataclass
@@ -95,16 +123,23 @@ class FitnessConfig:
     """How a member's fitness is computed (see namm.evolution.fitness).
 
     mode:                  "metric" (task score / full-cache score, the reference) or "loglik"
-                           (per-token likelihood of the reference answer relative to the full cache).
+                           (per-token likelihood of the reference answer relative to the full cache);
+                           the continuation task is always scored by likelihood.
     samples_per_task:      prompts per task per generation (the same for every member).
-    eval_samples_per_task: prompts per task for evaluating the mean (the first N of each pool).
-    kept_penalty:          subtract kept_penalty * mean kept-cache fraction from the fitness.
-    kept_cap:              members keeping more than this fraction rank below every member within it.
+    eval_samples_per_task: prompts per task in the pool the mean is evaluated on.
+    eval_split:            the split of that pool: "test" (held-out wordings and filler books) or
+                           "train" (same wordings and books, other needles; a continuation prompt may
+                           reread a training passage); its seeds never overlap the training pool's.
+    kept_penalty:          subtract kept_penalty * mean kept-cache fraction from the fitness
+                           (namm.keep = "threshold" only).
+    kept_cap:              members keeping more than this fraction rank below every member within it
+                           (namm.keep = "threshold" only).
     """
 
     mode: str = "metric"
     samples_per_task: int = 4
     eval_samples_per_task: int = 16
+    eval_split: str = "test"
     kept_penalty: float = 0.0
     kept_cap: float | None = None
 
@@ -114,6 +149,8 @@ class FitnessConfig:
         for name in ("samples_per_task", "eval_samples_per_task"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"fitness.{name} must be an integer >= 1, got {getattr(self, name)!r}.")
+        if self.eval_split not in SPLITS:
+            raise ValueError(f"fitness.eval_split must be one of {SPLITS}, got {self.eval_split!r}.")
         if self.kept_penalty < 0:
             raise ValueError(f"fitness.kept_penalty must be >= 0, got {self.kept_penalty!r}.")
         if self.kept_cap is not None and not 0 < self.kept_cap <= 1:
@@ -163,6 +200,7 @@ class RunConfig:
     backend: str = "local"
     output_dir: str = "runs/evolve"
     eval_interval: int = 5
+    chat: bool = False
     engine: EngineConfig = field(default_factory=EngineConfig)
     namm: dict[str, Any] = field(default_factory=dict)
     optimizer: CMAConfig = field(default_factory=CMAConfig)
@@ -196,6 +234,38 @@ class RunConfig:
             raise ValueError(f"threads must be a positive integer (torch CPU threads per worker), got {self.threads!r}.")
         if not isinstance(self.eval_interval, int) or self.eval_interval < 0:
             raise ValueError(f"eval_interval must be an integer >= 0, got {self.eval_interval!r}.")
+        if not isinstance(self.chat, bool):
+            raise ValueError(f"chat must be true or false, got {self.chat!r}.")
+        self._check_namm()
+
+    def _check_namm(self) -> None:
+        """[namm] builds a NAMMConfig, leaves the run's conditions to the run, and fits [fitness]."""
+        from namm.memory.model import NAMMConfig
+
+        owned = sorted(set(self.namm) & set(RUN_SETS))
+        if owned:
+            where = "; ".join(f"{k}: set {RUN_SETS[k]}" for k in owned)
+            raise ValueError(f"[namm] cannot set {owned}: the NAMM records the run's own values ({where}).")
+        try:
+            config = NAMMConfig.from_dict(self.namm_config())
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"[namm]: {exc}") from exc
+        if config.keep == "budget":
+            for key in ("kept_penalty", "kept_cap"):
+                if getattr(self.fitness, key):
+                    raise ValueError(f"fitness.{key} has no effect with [namm] keep = \"budget\" (every member keeps "
+                                     "the same cache); remove it, or use keep = \"threshold\".")
+
+    def namm_config(self) -> dict[str, Any]:
+        """The NAMM's config as a dict: the [namm] table plus the conditions the run evolves it under."""
+        from namm.memory.model import schedule_of
+
+        return {**self.namm, **schedule_of(self.engine), "chat": self.chat, "evolved_on": self.model}
+
+    def samples(self, task: str) -> int:
+        """Prompts of ``task`` each generation draws."""
+        spec = self.task(task)
+        return spec.samples if spec.samples is not None else self.fitness.samples_per_task
 
     def task(self, name: str) -> TaskSpec:
         return next(t for t in self.tasks if t.name == name)
@@ -244,7 +314,7 @@ def load_config(path: str | Path, output_dir: str | Path | None = None) -> RunCo
     """Read a run's TOML file; ``output_dir`` overrides the file's ``output_dir``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Run config {str(path)!r} not found; see examples/smollm2-passkey.toml.")
+        raise FileNotFoundError(f"Run config {str(path)!r} not found; see examples/smollm2-default.toml.")
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:

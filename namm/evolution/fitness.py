@@ -1,21 +1,31 @@
 """Fitness of a NAMM parameter vector: run the engine on the generation's prompts, compare to full cache.
 
-Two ways to score one prompt (``FitnessConfig.mode``):
+Two ways to score one prompt (its ``Prompt.objective``: ``FitnessConfig.mode`` for task prompts,
+always ``loglik`` for the continuation task):
 
-* ``metric`` (the reference): greedy generation, scored by the task's metric (0-1).
-  Per task, ``ratio_t = 100 mean_p(score) / (100 mean_p(full-cache score) + 1e-7)``: a ratio of sums
-  on the same prompts, 1 meaning "as good as the full cache" (namm-algorithm.md section 5).
-* ``loglik`` (continuous): the teacher-forced log-likelihood of the reference answer. Per task,
-  ``ratio_t = exp(mean_p((LL_p - LL_full_p) / n_p))`` with n_p the answer's tokens: the geometric
-  mean over prompts of the per-token likelihood ratio to the full cache (equivalently
-  full-cache perplexity / NAMM perplexity). 1 again means "as good as the full cache"; unlike the
-  metric it moves smoothly, so it still ranks members when every greedy answer is wrong.
+* ``metric`` (the reference): greedy generation, scored by the task's metric (0-1). Per task,
+  ``ratio_t = sum_p score_p / sum_p full_p`` over the prompts p whose full-cache score full_p is
+  above 0: a ratio of sums on the same prompts, 1 meaning "as good as the full cache"
+  (namm-algorithm.md section 5). Prompts the full cache fails do not count: they say nothing
+  about what the compression lost, and the reference's ``score / (0 + 1e-7)`` made a task's
+  ratio explode (~1e9) on them. A task none of whose prompts count this generation drops out of
+  the mean over tasks.
+* ``loglik`` (continuous): the teacher-forced log-likelihood of the reference answer (or of the
+  held-back continuation). Per task, ``ratio_t = exp(mean_p((LL_p - LL_full_p) / n_p))`` with n_p
+  the answer's tokens: the geometric mean over prompts of the per-token likelihood ratio to the
+  full cache (equivalently full-cache perplexity / NAMM perplexity). 1 again means "as good as
+  the full cache"; unlike the metric it moves smoothly, so it still ranks members when every
+  greedy answer is wrong.
 
-The fitness is the unweighted mean of ``ratio_t`` over tasks, then the cache terms:
-``kept_penalty`` subtracts ``kept_penalty * kept`` (kept = mean over prompts of the engine
-report's ``kept_fraction``); with ``kept_cap`` a member keeping more than the cap gets
-``min(f, 0) - (kept - cap)``, so it ranks below every member within the cap (whose fitness is >= 0)
-and over-cap members rank by how far over they are.
+Every ratio is capped at ``MAX_RATIO`` (2), so no task can dominate the mean. The raw fitness is
+the mean of ``ratio_t`` over tasks weighted by ``[[tasks]] weight``; when no task counts (the
+full cache scored 0 on every prompt of the generation) it is 1 for every member: no evidence
+that any member differs from the full cache. Then the cache terms (threshold keep mode only; in
+budget mode every member keeps the same cache): ``kept_penalty`` subtracts
+``kept_penalty * kept`` (kept = mean over prompts of the engine report's ``kept_fraction``);
+with ``kept_cap`` a member keeping more than the cap gets ``min(f, 0) - (kept - cap)``, so it
+ranks below every member within the cap (whose fitness is >= 0) and over-cap members rank by
+how far over they are.
 
 :class:`Worker` is what runs in a worker process (or Ray actor): the loaded model, the engine and a
 NAMM template with the run's frozen normalisation statistics.
@@ -33,19 +43,21 @@ import torch
 
 from namm.evolution.config import FitnessConfig
 from namm.evolution.prompts import Prompt
+from namm.prefix import PrefixStore
 from namm.sequence import EngineConfig
 
 log = logging.getLogger(__name__)
 
-GUARD = 1e-7  # the reference's guard against an all-zero full-cache score
+MAX_RATIO = 2.0  # cap on a task's ratio to the full cache
+NO_EVIDENCE = 1.0  # raw fitness when no task has a prompt that counts
 
 
 @dataclass
 class PromptResult:
     """One prompt under one policy.
 
-    score:  task metric of the greedy answer (metric mode; NaN otherwise).
-    loglik: sum log p(first reference answer | prompt) (loglik mode; NaN otherwise).
+    score:  task metric of the greedy answer (metric objective; NaN otherwise).
+    loglik: sum log p(first reference answer | prompt) (loglik objective; NaN otherwise).
     tokens: answer tokens the log-likelihood is summed over.
     kept:   the engine report's kept_fraction at the end of the sequence.
     """
@@ -68,29 +80,38 @@ class MemberFitness:
     """A member's fitness and what it is made of (logged per generation)."""
 
     fitness: float
-    raw: float  # mean task ratio before the cache terms
+    raw: float  # weighted mean task ratio before the cache terms (the member's "score")
     kept: float
-    per_task: dict[str, float] = field(default_factory=dict)
+    per_task: dict[str, float] = field(default_factory=dict)  # the tasks that counted
 
 
-def task_ratio(mode: str, results: list[PromptResult], refs: list[PromptResult]) -> float:
-    """One task's score relative to the full cache on the same prompts (see module docstring)."""
-    if mode == "metric":
-        score = 100.0 * float(np.mean([r.score for r in results]))
-        ref = 100.0 * float(np.mean([r.score for r in refs]))
-        return score / (ref + GUARD)
-    diffs = [(r.loglik - f.loglik) / max(r.tokens, 1) for r, f in zip(results, refs, strict=True)]
-    return float(math.exp(float(np.mean(diffs))))
+def task_ratio(objective: str, results: list[PromptResult], refs: list[PromptResult]) -> float | None:
+    """One task's score relative to the full cache on the same prompts, in [0, MAX_RATIO]; None
+    when no prompt counts (metric objective, full cache scoring 0 on all of them). See the module
+    docstring."""
+    if objective == "metric":
+        counted = [i for i, ref in enumerate(refs) if ref.score > 0]
+        if not counted:
+            return None
+        ratio = sum(results[i].score for i in counted) / sum(refs[i].score for i in counted)
+    else:
+        diffs = [(r.loglik - f.loglik) / max(r.tokens, 1) for r, f in zip(results, refs, strict=True)]
+        ratio = math.exp(min(float(np.mean(diffs)), math.log(MAX_RATIO)))
+    return min(float(ratio), MAX_RATIO)
 
 
 def member_fitness(config: FitnessConfig, prompts: list[Prompt], results: list[PromptResult],
-                   refs: list[PromptResult]) -> MemberFitness:
-    """Fitness of one member from its per-prompt results and the full-cache ones (same order)."""
+                   refs: list[PromptResult], weights: dict[str, float] | None = None) -> MemberFitness:
+    """Fitness of one member from its per-prompt results and the full-cache ones (same order);
+    ``weights`` are the tasks' weights (default 1)."""
     per_task: dict[str, float] = {}
     for task in dict.fromkeys(p.task for p in prompts):
         idx = [i for i, p in enumerate(prompts) if p.task == task]
-        per_task[task] = task_ratio(config.mode, [results[i] for i in idx], [refs[i] for i in idx])
-    raw = float(np.mean(list(per_task.values())))
+        ratio = task_ratio(prompts[idx[0]].objective, [results[i] for i in idx], [refs[i] for i in idx])
+        if ratio is not None:
+            per_task[task] = ratio
+    w = {task: (weights or {}).get(task, 1.0) for task in per_task}
+    raw = sum(w[t] * r for t, r in per_task.items()) / sum(w.values()) if per_task else NO_EVIDENCE
     kept = float(np.mean([r.kept for r in results]))
     fitness = raw - config.kept_penalty * kept
     if config.kept_cap is not None and kept > config.kept_cap:
@@ -106,9 +127,9 @@ class WorkerSpec:
     dtype: str | None
     device: str | None
     engine: EngineConfig
-    namm: dict[str, Any]
-    mode: str = "metric"
+    namm: dict[str, Any]  # the NAMM's config, conditions included (RunConfig.namm_config())
     threads: int | None = None  # torch CPU threads in this worker (None: torch's default)
+    share_prefix: bool = True  # read each prompt's first ``delay`` tokens once for all members (namm.prefix)
 
     def build(self) -> "Worker":
         return Worker(self)
@@ -134,7 +155,8 @@ class Worker:
         if spec.threads:
             torch.set_num_threads(spec.threads)
         model, tokenizer = load_model(spec.model, dtype=spec.dtype, device=spec.device)
-        self.engine = Engine(model, tokenizer, config=spec.engine)
+        store = PrefixStore(max_entries=64) if spec.share_prefix else None
+        self.engine = Engine(model, tokenizer, config=spec.engine, prefix_store=store)
         self.namm = build_namm(spec)
 
     def num_params(self) -> int:
@@ -154,7 +176,8 @@ class Worker:
         """Normalisation statistics from full-cache runs on ``prompts`` (stage 1, step 1)."""
         from namm.memory.calibration import calibrate
 
-        return calibrate(self.engine, self.namm, [p.prompt for p in prompts], progress=False).norm
+        ids = [self.engine.encode(p.prompt, chat=self._chat(p)) for p in prompts]  # formatted as run_prompt does
+        return calibrate(self.engine, self.namm, ids, progress=False).norm
 
     def run(self, job: Job) -> list[PromptResult]:
         policy = None if job.params is None else namm_policy(self.namm.with_params(torch.as_tensor(job.params)))
@@ -162,32 +185,32 @@ class Worker:
             return [self.run_prompt(p, policy) for p in job.prompts]
 
     def run_prompt(self, prompt: Prompt, policy) -> PromptResult:
-        if self.spec.mode == "loglik":
-            return self._loglik(prompt, policy)
+        """One prompt under ``policy`` (None: the full cache), scored by its objective; members and
+        the full-cache reference read it formatted alike: as the NAMM records (chat or raw)."""
+        chat = self._chat(prompt)
+        if prompt.objective == "loglik":
+            return self._loglik(prompt, policy, chat)
         out = self.engine.generate(prompt.prompt, max_new_tokens=prompt.max_new_tokens, do_sample=False,
-                                   stop=getattr(prompt.sample, "stop", None), policy=policy)
+                                   stop=getattr(prompt.sample, "stop", None), chat=chat, policy=policy)
         return PromptResult(score=score_answer(prompt, out.text), kept=float(out.report.kept_fraction))
 
-    def _loglik(self, prompt: Prompt, policy) -> PromptResult:
+    def _chat(self, prompt: Prompt) -> bool:
+        return bool(self.namm.config.chat) and not prompt.sample.meta.get("no_chat", False)
+
+    def _loglik(self, prompt: Prompt, policy, chat: bool) -> PromptResult:
         if not prompt.answers or not prompt.answers[0]:
             raise ValueError(f"Prompt {prompt.id}: the reference answer is empty; loglik fitness needs one.")
-        # the context is formatted as for generation (chat template if the tokenizer has one)
         loglik, tokens, report = self.engine.loglikelihood(prompt.prompt, prompt.answers[0], policy=policy,
-                                                           chat=None, return_report=True)
+                                                           chat=chat, return_report=True)
         return PromptResult(loglik=loglik, tokens=tokens, kept=float(report.kept_fraction))
 
 
 def build_namm(spec: WorkerSpec):
-    """The run's NAMM template (zero parameters, not yet calibrated) from the [namm] table.
-
-    The NAMM's schedule (delay, chunk size) defaults to the engine's, so a saved checkpoint
-    records the schedule it was evolved with.
-    """
+    """The run's NAMM template (zero parameters, not yet calibrated): its config records the
+    conditions it is evolved under (schedule, chat, keep mode), so every saved checkpoint does."""
     from namm.memory.model import NAMM, NAMMConfig
 
-    table = {"delay": spec.engine.delay, "chunk_size": spec.engine.chunk_size, "evolved_on": spec.model,
-             **spec.namm}
-    return NAMM(NAMMConfig.from_dict(table))
+    return NAMM(NAMMConfig.from_dict(spec.namm))
 
 
 def namm_policy(namm):

@@ -1,10 +1,15 @@
 """Which prompts a generation reads, and the full-cache scores they are normalised by.
 
-Each task of a run has a fixed pool of prompts built once from the run seed. Generation ``g`` draws
-``samples_per_task`` prompts per task without replacement with an RNG seeded by ``(seed, g)``: the
-same prompts for every member, fresh ones every generation, and the draw of a resumed run is the
-draw of the uninterrupted one without saving any RNG state. Evaluations of the mean read the first
-``eval_samples_per_task`` prompts of each pool.
+Each task of a run has a fixed training pool of prompts built once from the run seed (the
+``train`` split). Generation ``g`` draws ``samples`` prompts per task without replacement with an
+RNG seeded by ``(seed, g)``: the same prompts for every member, fresh ones every generation, and
+the draw of a resumed run is the draw of the uninterrupted one without saving any RNG state.
+
+Evaluations of the mean read a separate eval pool per task that never overlaps the training
+pool: ``eval_samples_per_task`` prompts of ``fitness.eval_split`` generated with seed
+``seed + EVAL_SEED_OFFSET`` (other random streams, other sample ids; with the default ``test``
+split also other wordings and other filler books). ``namm eval`` draws its test prompts with
+seed 0 by default, so it does not reread the prompts the best mean was selected on either.
 
 The full-cache (reference) result of every prompt is computed once and cached on disk in the run
 folder, keyed by model, task and prompt id.
@@ -23,19 +28,24 @@ import numpy as np
 from namm.evolution.checkpoint import atomic_write_text
 from namm.evolution.config import RunConfig, TaskSpec
 
+EVAL_SEED_OFFSET = 1_000_000  # the eval pool's seed is the run seed plus this
+
 
 @dataclass
 class Prompt:
     """One prompt of a task pool, as shipped to workers.
 
-    id:     stable id, unique within the run ("task|L<length>|<sample id>").
-    task:   the run's name for the task.
-    sample: the task's :class:`namm.tasks.Sample` (prompt, answers, metric, max_new_tokens, stop).
+    id:        stable id, unique within the run ("task|L<length>|<sample id>").
+    task:      the run's name for the task.
+    sample:    the task's :class:`namm.tasks.Sample` (prompt, answers, metric, max_new_tokens, stop).
+    objective: how a result is scored: "metric" (greedy answer, task metric) or "loglik"
+               (likelihood of the reference answer); see namm.evolution.fitness.
     """
 
     id: str
     task: str
     sample: Any
+    objective: str = "metric"
 
     @property
     def prompt(self) -> str:
@@ -50,50 +60,79 @@ class Prompt:
         return int(self.sample.max_new_tokens)
 
 
-def build_pool(spec: TaskSpec, tokenizer, seed: int) -> list[Prompt]:
-    """The prompt pool of one task (``namm.tasks.load_task``), deterministic for ``seed``.
+def build_pool(spec: TaskSpec, tokenizer, seed: int, mode: str = "metric", split: str = "train",
+               n: int | None = None) -> list[Prompt]:
+    """A prompt pool of one task (``namm.tasks.load_task``), deterministic for ``seed``.
 
-    Synthetic tasks are generated from their ``train`` split (``options.split`` overrides it) at
-    ``length`` tokens; benchmark and JSONL tasks read up to ``prompts`` records, middle-truncated
-    to ``length`` tokens.
+    Synthetic and continuation tasks are generated from ``split`` (``options.split`` overrides it)
+    at ``length`` tokens, ``n`` of them (default ``spec.prompts``); benchmark and JSONL tasks read
+    up to ``n`` records, middle-truncated to ``length`` tokens. Prompts are scored by ``mode``
+    ("metric" or "loglik"), except likelihood tasks (continuation), which always are "loglik".
     """
-    from namm.tasks import is_synthetic, load_task
+    from namm.tasks import has_splits, load_task
+    from namm.tasks.continuation import LOGLIK
 
-    options = {"split": "train", **spec.options} if is_synthetic(spec.name) else dict(spec.options)
-    samples = load_task(spec.name, tokenizer, length=spec.length, n=spec.prompts, seed=seed, **options)
+    options = {"split": split, **spec.options} if has_splits(spec.name) else dict(spec.options)
+    samples = load_task(spec.name, tokenizer, length=spec.length, n=n or spec.prompts, seed=seed, **options)
     if not samples:
         raise ValueError(f"Task {spec.name!r} gave no prompts.")
     suffix = "" if not spec.options else "|" + hashlib.sha1(
         json.dumps(spec.options, sort_keys=True).encode()).hexdigest()[:8]
-    return [Prompt(id=f"{spec.name}|L{spec.length}|{s.id}{suffix}", task=spec.name, sample=s) for s in samples]
+    return [Prompt(id=f"{spec.name}|L{spec.length}|{s.id}{suffix}", task=spec.name, sample=s,
+                   objective=LOGLIK if s.metric == LOGLIK else mode) for s in samples]
+
+
+def _train_and_eval_pools(config: RunConfig, spec: TaskSpec, tokenizer) -> tuple[list[Prompt], list[Prompt]]:
+    """A task's training pool and its disjoint eval pool (see the module docstring).
+
+    Tasks without splits (benchmarks, JSONL) read ``prompts + eval_samples_per_task`` records:
+    the training pool is the first ``prompts``, the eval pool the records after them.
+    """
+    from namm.tasks import has_splits
+
+    fit = config.fitness
+    if has_splits(spec.name):
+        return (build_pool(spec, tokenizer, config.seed, fit.mode),
+                build_pool(spec, tokenizer, config.seed + EVAL_SEED_OFFSET, fit.mode, fit.eval_split,
+                           fit.eval_samples_per_task))
+    records = build_pool(spec, tokenizer, config.seed, fit.mode, n=spec.prompts + fit.eval_samples_per_task)
+    train, held_out = records[: spec.prompts], records[spec.prompts:]
+    if config.eval_interval and not held_out:
+        raise ValueError(f"Task {spec.name!r} has {len(records)} records, all in the training pool "
+                         f"([[tasks]] prompts = {spec.prompts}); lower prompts to leave some for the eval pool.")
+    return train, held_out
 
 
 class PromptPools:
-    """The prompt pools of a run's tasks and the per-generation draws."""
+    """The training and eval pools of a run's tasks, and the per-generation draws."""
 
-    def __init__(self, config: RunConfig, pools: dict[str, list[Prompt]]) -> None:
+    def __init__(self, config: RunConfig, pools: dict[str, list[Prompt]],
+                 eval_pools: dict[str, list[Prompt]] | None = None) -> None:
         self.config = config
         self.pools = pools
+        self.eval_pools = eval_pools if eval_pools is not None else {}
 
     @classmethod
     def build(cls, config: RunConfig, tokenizer) -> "PromptPools":
-        return cls(config, {t.name: build_pool(t, tokenizer, config.seed) for t in config.tasks})
+        pools, eval_pools = {}, {}
+        for spec in config.tasks:
+            pools[spec.name], eval_pools[spec.name] = _train_and_eval_pools(config, spec, tokenizer)
+        return cls(config, pools, eval_pools)
 
     def generation_batch(self, generation: int, task_names: list[str]) -> list[Prompt]:
-        """The prompts every member of ``generation`` reads: ``samples_per_task`` per task."""
+        """The prompts every member of ``generation`` reads: ``config.samples(task)`` per task."""
         rng = np.random.default_rng([self.config.seed, 1, generation])
         batch = []
         for name in task_names:
             pool = self.pools[name]
-            n = min(self.config.fitness.samples_per_task, len(pool))
+            n = min(self.config.samples(name), len(pool))
             picks = rng.choice(len(pool), size=n, replace=False)
             batch += [pool[i] for i in sorted(picks.tolist())]
         return batch
 
     def eval_batch(self, task_names: list[str]) -> list[Prompt]:
-        """The fixed prompts the mean is evaluated on."""
-        n = self.config.fitness.eval_samples_per_task
-        return [p for name in task_names for p in self.pools[name][:n]]
+        """The fixed prompts the mean is evaluated on (the eval pools, disjoint from training)."""
+        return [p for name in task_names for p in self.eval_pools[name]]
 
     def calibration_batch(self) -> list[Prompt]:
         cal = self.config.calibration

@@ -88,8 +88,8 @@ class EvolutionRun:
 
     def _worker_spec(self) -> WorkerSpec:
         c = self.config
-        return WorkerSpec(model=c.model, dtype=c.dtype, device=c.device, engine=c.engine, namm=c.namm,
-                          mode=c.fitness.mode, threads=c.threads)
+        return WorkerSpec(model=c.model, dtype=c.dtype, device=c.device, engine=c.engine, namm=c.namm_config(),
+                          threads=c.threads)
 
     # -- the run --------------------------------------------------------------------------------
 
@@ -121,7 +121,8 @@ class EvolutionRun:
             self._write_outputs(best_changed=True)  # outputs may lag the checkpoint after a kill
         start = self.es.generation
         self.on_event("start", {"generation": start, "total": c.total_generations, "popsize": self.es.popsize,
-                                "params": self.template.num_params, "run_dir": str(self.run_dir)})
+                                "params": self.template.num_params, "run_dir": str(self.run_dir),
+                                "conditions": self._conditions()})
         for g in range(start, c.total_generations):
             self._generation(g)
         final = self._state()
@@ -158,7 +159,7 @@ class EvolutionRun:
         jobs = [Job(i, members[i], prompts) for i in range(len(members))]
         done = lambda i: self.on_event("member", {"generation": g, "member": i, "popsize": len(jobs)})  # noqa: E731
         results = self.backend.run(jobs, on_done=done)
-        fits = [member_fitness(c.fitness, prompts, r, refs) for r in results]
+        fits = [member_fitness(c.fitness, prompts, r, refs, self._weights()) for r in results]
         self.es.tell([f.fitness for f in fits])
         row = self._row(g, stage_idx, tasks, fits)
         best_changed = False
@@ -177,6 +178,7 @@ class EvolutionRun:
                 "fitness_best": max(values), "fitness_mean": float(np.mean(values)), "fitness_worst": min(values),
                 "raw_mean": float(np.mean([f.raw for f in fits])), "kept_mean": float(np.mean([f.kept for f in fits])),
                 "kept_of_best": fits[best].kept, "sigma": self.es.sigma, "fitness": values,
+                "member_score": [f.raw for f in fits], "member_kept": [f.kept for f in fits],
                 "eval_fitness": None, "eval_kept": None}
 
     def _evaluate_mean(self, g: int, tasks: list[str], row: dict[str, Any]) -> bool:
@@ -184,12 +186,24 @@ class EvolutionRun:
         prompts = self.pools.eval_batch(tasks)
         refs = self._references(prompts)
         mean = self.es.mean
-        fit = member_fitness(self.config.fitness, prompts, self._run_split(mean, prompts), refs)
+        fit = member_fitness(self.config.fitness, prompts, self._run_split(mean, prompts), refs, self._weights())
         row["eval_fitness"], row["eval_kept"], row["eval_per_task"] = fit.fitness, fit.kept, fit.per_task
         if self.best_eval is None or fit.fitness > self.best_eval["fitness"]:
             self.best_eval = {"fitness": fit.fitness, "kept": fit.kept, "generation": g, "params": mean}
             return True
         return False
+
+    def _weights(self) -> dict[str, float]:
+        return {t.name: float(t.weight) for t in self.config.tasks}
+
+    def _conditions(self) -> str:
+        """What the NAMM is evolved (and will be evaluated and shipped) under, in words."""
+        from namm.engine import format_conditions
+        from namm.evolution.fitness import namm_policy
+
+        cfg = self.template.config
+        keep = namm_policy(self.template).describe_keep()
+        return format_conditions({**cfg.schedule, "chat": bool(cfg.chat), "keep": keep})
 
     def _references(self, prompts: list[Prompt]) -> list[PromptResult]:
         """Full-cache results for ``prompts``, computing (and caching) the ones not seen yet."""

@@ -13,11 +13,18 @@ overlap plus rows not yet forming a hop) and emits a frame as soon as ``hop`` ne
 the attention matrix can be dropped right after each forward call. Frame m covers the queries
 ``16m - 16 .. 16m + 15`` (zeros before query 0), exactly the frames the reference computes at its
 eviction steps, and the per-frame EMA ``E <- beta E + (1 - beta) S`` with ``beta = 0.99**16``
-equals the reference's per-step formula.
+equals the reference's per-step formula. All frames a forward call completes are computed at once
+(``unfold`` over the query axis, one windowed-DFT matmul, which is the rfft of each frame) and
+folded in closed form, ``E <- beta^n E + sum_t (1 - beta) beta^(n-1-t) S_t``.
+
+The last ``T mod hop`` queries are not in any frame yet. With ``partial_frame`` the features that
+are *scored* see them as one more, zero-padded frame (so at the end of a prompt the question's
+attention counts); the streaming state is untouched and counts that frame once it completes.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +40,9 @@ class FeatureConfig:
     recency_dim:        size of the sinusoidal recency embedding (sin half, cos half).
     recency_max_freq:   base of the recency frequencies, w_i = max_freq ** (-i / (dim / 2)).
     norm_eps:           lower bound on the normalisation standard deviation.
+    partial_frame:      score with the queries received since the last complete frame folded in
+                        as a zero-padded frame (the reference drops them until the frame completes;
+                        on its 512/128 grid there are none, except at a prompt-end eviction).
     """
 
     n_fft: int = 32
@@ -41,6 +51,7 @@ class FeatureConfig:
     recency_dim: int = 8
     recency_max_freq: float = 50000.0
     norm_eps: float = 1e-7
+    partial_frame: bool = True
 
     def __post_init__(self) -> None:
         if not (isinstance(self.n_fft, int) and self.n_fft >= 2):
@@ -53,6 +64,8 @@ class FeatureConfig:
             raise ValueError(f"recency_dim must be a non-negative even integer, got {self.recency_dim!r}.")
         if self.recency_max_freq <= 0 or self.norm_eps <= 0:
             raise ValueError("recency_max_freq and norm_eps must be positive.")
+        if not isinstance(self.partial_frame, bool):
+            raise ValueError(f"partial_frame must be true or false, got {self.partial_frame!r}.")
 
     @property
     def n_bins(self) -> int:
@@ -84,18 +97,36 @@ class StreamingSpectrogram:
         self.config = config
         self.rows: dict[int, torch.Tensor] = {}
         self.emas: dict[int, torch.Tensor] = {}
-        self._window: torch.Tensor | None = None
+        self._dft: torch.Tensor | None = None
 
     def reset(self) -> None:
         self.rows.clear()
         self.emas.clear()
 
-    def window(self, like: torch.Tensor) -> torch.Tensor:
-        w = self._window
-        if w is None or w.dtype != like.dtype or w.device != like.device:
-            w = torch.hann_window(self.config.n_fft, periodic=True, dtype=like.dtype, device=like.device)
-            self._window = w
-        return w
+    def dft(self, like: torch.Tensor) -> torch.Tensor:
+        """The windowed real DFT as a matrix, (2 * n_bins, n_fft): rows w[n] cos(2 pi f n / N),
+        then -w[n] sin(...). ``dft @ frame`` is rfft(window * frame) as (real; imaginary); for
+        n_fft = 32 one matmul is about twice as fast as ``torch.fft.rfft`` + complex ``abs`` on CPU."""
+        m = self._dft
+        if m is None or m.dtype != like.dtype or m.device != like.device:
+            n_fft = self.config.n_fft
+            window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)
+            angle = torch.outer(torch.arange(self.config.n_bins, dtype=torch.float64),
+                                torch.arange(n_fft, dtype=torch.float64)) * (2 * math.pi / n_fft)
+            m = torch.cat([angle.cos() * window, -angle.sin() * window]).to(like.device, like.dtype)
+            self._dft = m
+        return m
+
+    def spectrum(self, frames: torch.Tensor) -> torch.Tensor:
+        """|rfft(window * frame)| of frames laid out along the query axis.
+
+        frames: (..., m, cache_len), the first m <= n_fft rows of each frame (the rest are zeros).
+        Returns (..., n_bins, cache_len).
+        """
+        m = frames.shape[-2]
+        x = torch.matmul(self.dft(frames)[:, :m], frames)  # (..., 2 * n_bins, cache_len): real; imaginary
+        x = x.square_().unflatten(-2, (2, self.config.n_bins))  # (..., 2, n_bins, cache_len)
+        return x.sum(dim=-3).sqrt_()
 
     def observe(self, layer: int, attn: torch.Tensor) -> None:
         """Fold one forward call's attention (kv_heads, new_queries, cache_len) into the EMA."""
@@ -115,14 +146,15 @@ class StreamingSpectrogram:
         ema = F.pad(ema, (0, 0, 0, grown))
         rows = torch.cat([rows, attn.to(rows.dtype)], dim=1)  # (kv_heads, r + new_queries, cache_len)
 
-        beta, window = cfg.frame_decay, self.window(rows)
-        n_frames = 0
-        while n_frames * cfg.hop + cfg.n_fft <= rows.shape[1]:
-            start = n_frames * cfg.hop
-            frame = rows[:, start : start + cfg.n_fft].transpose(1, 2)  # (kv_heads, cache_len, n_fft)
-            spectrum = torch.fft.rfft(frame * window, dim=-1).abs()  # (kv_heads, cache_len, n_bins)
-            ema = beta * ema + (1.0 - beta) * spectrum
-            n_frames += 1
+        n_frames = (rows.shape[1] - cfg.overlap) // cfg.hop  # frames m with m * hop + n_fft <= rows
+        if n_frames > 0:
+            used = rows[:, : (n_frames - 1) * cfg.hop + cfg.n_fft]
+            frames = used.unfold(1, cfg.n_fft, cfg.hop).transpose(-1, -2)  # (kv_heads, n_frames, n_fft, cache_len)
+            spectra = self.spectrum(frames)  # (kv_heads, n_frames, n_bins, cache_len)
+            beta = cfg.frame_decay
+            exponents = torch.arange(n_frames - 1, -1, -1, dtype=rows.dtype, device=rows.device)
+            weights = (1.0 - beta) * beta**exponents  # (n_frames,), the newest frame last
+            ema = beta**n_frames * ema + torch.einsum("f,hfbk->hkb", weights, spectra)
         self.rows[layer] = rows[:, n_frames * cfg.hop :].clone()  # < n_fft rows; frees the chunk
         self.emas[layer] = ema
 
@@ -131,6 +163,23 @@ class StreamingSpectrogram:
         if layer not in self.emas:
             raise KeyError(f"layer {layer} has not been observed yet.")
         return self.emas[layer]
+
+    def pending(self, layer: int) -> int:
+        """Query rows received since the last complete frame (``T mod hop``)."""
+        return self.rows[layer].shape[1] - self.config.overlap if layer in self.rows else 0
+
+    def scoring_ema(self, layer: int) -> torch.Tensor:
+        """The EMA the scorer sees, (kv_heads, cache_len, n_bins); the state is not changed.
+
+        With ``partial_frame`` and pending rows, the next frame (overlap rows, pending rows, zeros
+        for the queries still to come) is folded in as one more EMA frame.
+        """
+        ema = self.ema(layer)
+        if not self.config.partial_frame or self.pending(layer) == 0:
+            return ema
+        beta = self.config.frame_decay
+        spectrum = self.spectrum(self.rows[layer])  # (kv_heads, n_bins, cache_len); zero padding adds nothing
+        return beta * ema + (1.0 - beta) * spectrum.transpose(1, 2)
 
     def prune(self, layer: int, keep_idx: torch.Tensor) -> None:
         """Keep only the tokens ``keep_idx`` (kv_heads, n_keep) of ``layer``."""

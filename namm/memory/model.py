@@ -21,32 +21,52 @@ from typing import Any
 import torch
 
 from namm.memory.features import FeatureConfig, RunningStats, token_features
-from namm.memory.scoring import FlatScorer, ScorerConfig, build_scorer
+from namm.memory.scoring import FlatScorer, ScorerConfig, build_scorer, score_ragged
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "namm.safetensors"
 FORMAT = "namm"
 FORMAT_VERSION = 1
+KEEP_MODES = ("threshold", "budget")
+SCHEDULE_KEYS = ("chunk_size", "delay", "evict_at_prefill_end", "evict_during_prefill")
 
 
 @dataclass(frozen=True)
 class NAMMConfig:
     """Everything that defines a NAMM besides its parameters.
 
-    delay / chunk_size: eviction period and prefill chunk the NAMM was evolved with (512 / 128
-                        in the reference); the engine should run it with the same values.
-    threshold:          keep rule score >= threshold (reference: 0).
-    max_cache:          optional cap on tokens kept per layer (reference: none).
-    evolved_on:         the model id the NAMM was evolved on (informational).
+    The conditions the NAMM was evolved under are recorded here and are what ``namm generate``,
+    ``namm eval`` and :class:`~namm.engine.Engine` run it under by default (trained = evaluated =
+    shipped); explicit flags or arguments override them. Folders saved before a field existed
+    load with its default.
+
+    delay / chunk_size:   eviction period and prefill chunk (reference: 512 / 128).
+    evict_at_prefill_end: also evict once when the prompt ends (the reference does not).
+    evict_during_prefill: evict on the ``delay`` grid while reading the prompt.
+    chat:                 prompts wrapped in the tokenizer's chat template (True), raw (False), or
+                          None: the template if the tokenizer has one (what runs before this field
+                          existed did).
+    keep:                 "threshold": keep tokens scoring >= ``threshold`` (the paper's emergent
+                          size), at most ``max_cache`` per layer if set; "budget": every layer and KV
+                          head keeps its top-k scores, k = ceil(keep_ratio * tokens seen).
+    threshold:            keep rule score >= threshold (reference: 0).
+    max_cache:            optional cap on tokens kept per layer in threshold mode (reference: none).
+    keep_ratio:           the budget mode's fraction of tokens kept.
+    evolved_on:           the model id the NAMM was evolved on (informational).
     """
 
     features: FeatureConfig = field(default_factory=FeatureConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     delay: int = 512
     chunk_size: int = 128
+    evict_at_prefill_end: bool = True
+    evict_during_prefill: bool = True
+    chat: bool | None = None
+    keep: str = "threshold"
     threshold: float = 0.0
     max_cache: int | None = None
+    keep_ratio: float | None = None
     evolved_on: str | None = None
 
     def __post_init__(self) -> None:
@@ -60,6 +80,17 @@ class NAMMConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if self.max_cache is not None and not (isinstance(self.max_cache, int) and self.max_cache > 0):
             raise ValueError(f"max_cache must be a positive integer or None, got {self.max_cache!r}.")
+        for name in ("evict_at_prefill_end", "evict_during_prefill"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}.")
+        if self.chat is not None and not isinstance(self.chat, bool):
+            raise ValueError(f"chat must be true, false or null, got {self.chat!r}.")
+        check_keep(self.keep, self.keep_ratio, self.max_cache)
+
+    @property
+    def schedule(self) -> dict[str, Any]:
+        """The engine schedule the NAMM was evolved with (``EngineConfig`` keyword arguments)."""
+        return schedule_of(self)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,6 +98,25 @@ class NAMMConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NAMMConfig:
         return _from_dict(cls, data, "NAMM config")
+
+
+def schedule_of(config: Any) -> dict[str, Any]:
+    """The schedule fields (:data:`SCHEDULE_KEYS`) of an ``EngineConfig`` or a ``NAMMConfig``."""
+    return {key: getattr(config, key) for key in SCHEDULE_KEYS}
+
+
+def check_keep(keep: str, keep_ratio: float | None, max_cache: int | None) -> None:
+    """Validate a keep mode: "threshold" (optional ``max_cache``) or "budget" with a ``keep_ratio``."""
+    if keep not in KEEP_MODES:
+        raise ValueError(f"keep must be one of {KEEP_MODES}, got {keep!r}.")
+    if keep == "budget":
+        if keep_ratio is None or isinstance(keep_ratio, bool) or not 0 < float(keep_ratio) <= 1:
+            raise ValueError(f"keep = \"budget\" needs keep_ratio in (0, 1], got {keep_ratio!r}.")
+        if max_cache is not None:
+            raise ValueError("max_cache caps the threshold mode; with keep = \"budget\" the size is keep_ratio.")
+    elif keep_ratio is not None:
+        raise ValueError(f"keep_ratio = {keep_ratio!r} only applies to keep = \"budget\"; the threshold mode's "
+                         "size is emergent (cap it with max_cache).")
 
 
 def _from_dict(cls: type, data: dict[str, Any], what: str) -> Any:
@@ -143,9 +193,17 @@ class NAMM:
     def score(self, ema: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Scores (kv_heads, cache_len) of one layer's cached tokens; >= threshold means keep."""
         z = self.features(ema, positions)
-        if self.scorer.flat.device != z.device:
-            self.scorer.to(device=z.device)
-        return self.scorer(z)
+        return self._scorer_on(z.device)(z)
+
+    def score_layers(self, emas: list[torch.Tensor], positions: list[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`score` of several layers (cache lengths may differ) in batched scorer calls."""
+        zs = [self.features(ema, pos) for ema, pos in zip(emas, positions)]
+        return score_ragged(self._scorer_on(zs[0].device), zs) if zs else []
+
+    def _scorer_on(self, device: torch.device) -> FlatScorer:
+        if self.scorer.flat.device != device:
+            self.scorer.to(device=device)
+        return self.scorer
 
     # ---- save / load ------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -215,4 +273,5 @@ def resolve_pretrained(name_or_path: str | Path) -> Path:
     )
 
 
-__all__ = ["NAMM", "NAMMConfig", "PRETRAINED_DIR", "available_pretrained", "resolve_pretrained"]
+__all__ = ["KEEP_MODES", "NAMM", "NAMMConfig", "PRETRAINED_DIR", "SCHEDULE_KEYS", "available_pretrained",
+           "check_keep", "resolve_pretrained", "schedule_of"]

@@ -130,12 +130,18 @@ class BAMScorer(FlatScorer):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         p = self.blocks()
-        q, k, v = (z @ p["w_qkv"] + p["b_qkv"]).split(self.hidden_dim, dim=-1)  # 3 x (batch, tokens, hidden)
-        # backward mask (token i sees j >= i) == causal mask on the time-reversed sequence
-        y = F.scaled_dot_product_attention(q.flip(-2), k.flip(-2), v.flip(-2), is_causal=True).flip(-2)
-        res, mul = (y @ p["w_out"] + p["b_out"]).chunk(2, dim=-1)  # 2 x (batch, tokens, input_dim)
-        z = z * (1.0 + mul) + res
-        return z @ p["w_head"] + p["b_head"]  # (batch, tokens)
+        batch, tokens, dim = z.shape
+        # backward mask (token i sees j >= i) == causal mask on the time-reversed sequence; every
+        # other step is per token, so the whole network runs on reversed tokens (one flip each way)
+        zr = z.flip(-2).reshape(batch * tokens, dim)
+        qkv = torch.addmm(p["b_qkv"], zr, p["w_qkv"]).view(1, batch, tokens, 3 * self.hidden_dim)
+        # the batch on the head axis of a 4-D call lets CPU SDPA use its tiled (flash) kernel
+        # instead of materialising (batch, tokens, tokens) scores
+        q, k, v = qkv.split(self.hidden_dim, dim=-1)  # 3 x (1, batch, tokens, hidden)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).view(batch * tokens, self.hidden_dim)
+        res, mul = torch.addmm(p["b_out"], y, p["w_out"]).chunk(2, dim=-1)  # 2 x (batch * tokens, dim)
+        zr = zr * (1.0 + mul) + res
+        return torch.addmv(p["b_head"], zr, p["w_head"]).view(batch, tokens).flip(-1)  # (batch, tokens)
 
 
 class MLPScorer(FlatScorer):
@@ -166,6 +172,41 @@ class MLPScorer(FlatScorer):
         return (h @ p[f"w{last}"] + p[f"b{last}"]).squeeze(-1)  # (batch, tokens)
 
 
+def score_ragged(scorer: FlatScorer, features: list[torch.Tensor], slack: float = 1.25,
+                 max_rows: int = 1 << 15) -> list[torch.Tensor]:
+    """Score several token sets of unequal length (e.g. every layer of a step) in batched calls.
+
+    features: list of (heads_i, n_i, dim), tokens chronological. The sets are LEFT-padded with
+    zeros to a common length and stacked on the batch axis. BAM's backward mask lets a token see
+    only itself and newer tokens, so a real token never sees the older padding; the MLP scores
+    each token alone. Padding costs BAM O(n_max^2) per head, so sets are grouped by length, a
+    group growing while its padded cost stays within ``slack`` x its unpadded cost and it holds at
+    most ``max_rows`` (batch x tokens) rows: on CPU, calls much larger than that run slower (the
+    intermediates leave the cache), while per-layer calls waste little. Returns the scores of
+    each set, (heads_i, n_i), in the input order.
+    """
+    order = sorted(range(len(features)), key=lambda i: -features[i].shape[1])  # longest first
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            group = groups[-1] + [i]
+            longest = features[group[0]].shape[1]
+            heads = sum(features[j].shape[0] for j in group)
+            unpadded = sum(features[j].shape[0] * features[j].shape[1] ** 2 for j in group)
+            if heads * longest**2 <= slack * unpadded and heads * longest <= max_rows:
+                groups[-1] = group
+                continue
+        groups.append([i])
+    out: list[torch.Tensor | None] = [None] * len(features)
+    for group in groups:
+        longest = features[group[0]].shape[1]
+        z = torch.cat([F.pad(features[j], (0, 0, longest - features[j].shape[1], 0)) for j in group])
+        scores = scorer(z)  # (sum of heads, longest)
+        for j, part in zip(group, scores.split([features[j].shape[0] for j in group])):
+            out[j] = part[:, longest - features[j].shape[1] :]
+    return out  # type: ignore[return-value]
+
+
 def build_scorer(config: ScorerConfig, input_dim: int, dtype: torch.dtype = torch.float32) -> FlatScorer:
     """The scorer described by ``config`` for features of width ``input_dim``, all-zero params."""
     if config.kind == "bam":
@@ -173,4 +214,4 @@ def build_scorer(config: ScorerConfig, input_dim: int, dtype: torch.dtype = torc
     return MLPScorer(input_dim, config.mlp_hidden, config.mlp_depth, config.mlp_residual, dtype=dtype)
 
 
-__all__ = ["SCORERS", "BAMScorer", "FlatScorer", "MLPScorer", "ScorerConfig", "build_scorer"]
+__all__ = ["SCORERS", "BAMScorer", "FlatScorer", "MLPScorer", "ScorerConfig", "build_scorer", "score_ragged"]

@@ -29,15 +29,14 @@ def _prepare(scores: torch.Tensor) -> torch.Tensor:
     return scores
 
 
-def threshold_select(
+def threshold_count(
     scores: torch.Tensor, threshold: float = 0.0, max_cache: int | None = None
-) -> torch.Tensor:
-    """Indices to keep, (kv_heads, n_keep) ascending, n_keep = max_h #(s_h >= threshold).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidates and the keep count of :func:`threshold_select`, without a host sync.
 
-    scores:    (kv_heads, cache_len), tokens in chronological order (newest last).
-    threshold: keep rule s >= threshold (the reference uses 0).
-    max_cache: if set and cache_len > max_cache, only each head's top-``max_cache`` tokens are
-               candidates, so at most ``max_cache`` tokens are kept.
+    Returns (prepared scores (kv_heads, cache_len), n_keep as a 0-dim tensor); the kept indices
+    are ``topk_indices(prepared, int(n_keep))``. Lets a caller read the counts of many layers at
+    once.
     """
     if max_cache is not None and not (isinstance(max_cache, int) and max_cache >= 1):
         raise ValueError(f"max_cache must be a positive number of tokens or None, got {max_cache!r}.")
@@ -48,8 +47,21 @@ def threshold_select(
         capped = torch.full_like(scores, float("-inf"))
         scores = capped.scatter(1, candidates, scores.gather(1, candidates))
     n_below = (scores < threshold).sum(dim=-1)  # (kv_heads,)
-    n_keep = n_tokens - int(n_below.min().item())
-    return topk_indices(scores, n_keep)
+    return scores, n_tokens - n_below.min()
+
+
+def threshold_select(
+    scores: torch.Tensor, threshold: float = 0.0, max_cache: int | None = None
+) -> torch.Tensor:
+    """Indices to keep, (kv_heads, n_keep) ascending, n_keep = max_h #(s_h >= threshold).
+
+    scores:    (kv_heads, cache_len), tokens in chronological order (newest last).
+    threshold: keep rule s >= threshold (the reference uses 0).
+    max_cache: if set and cache_len > max_cache, only each head's top-``max_cache`` tokens are
+               candidates, so at most ``max_cache`` tokens are kept.
+    """
+    scores, n_keep = threshold_count(scores, threshold, max_cache)
+    return topk_indices(scores, int(n_keep.item()))
 
 
 def budget_select(scores: torch.Tensor, budget: int) -> torch.Tensor:
@@ -59,4 +71,4 @@ def budget_select(scores: torch.Tensor, budget: int) -> torch.Tensor:
     return topk_indices(_prepare(scores), budget)
 
 
-__all__ = ["budget_select", "threshold_select"]
+__all__ = ["budget_select", "threshold_count", "threshold_select"]

@@ -4,6 +4,8 @@ A policy is stateful per sequence. The engine calls, for every layer it manages:
 
 * ``observe(layer, attn, keys, positions)`` after each forward call (a prefill chunk or one
   decoded token), with the layer's cache *including* the tokens of this call;
+* ``begin_eviction()`` once at an eviction step, before any ``select`` (a policy may do the work
+  of all layers at once there, e.g. one batched scorer call);
 * ``select(layer)`` at an eviction step, which returns the indices of the cached tokens to keep.
 
 The policy prunes its own per-token state with the indices it returns, so its state always lines
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Hashable
 
 import torch
 
@@ -63,9 +66,38 @@ class MemoryPolicy:
         positions: (kv_heads, cache_len) int64 absolute position of each cached token.
         """
 
+    def describe_keep(self) -> str:
+        """The keep rule in words, for reports: "budget 256", "keep_ratio 0.25" or "all"."""
+        budget, ratio = getattr(self, "budget", None), getattr(self, "keep_ratio", None)
+        if budget is not None:
+            return f"budget {budget}"
+        return f"keep_ratio {float(ratio):g}" if ratio is not None else "all"
+
+    def begin_eviction(self) -> None:
+        """Called once per eviction step, before ``select`` runs for each managed layer."""
+
     def select(self, layer: int) -> torch.Tensor | None:
         """Indices to keep, (kv_heads, n_keep) int64, ascending per head, the same count for
         every head; or None to keep everything. Called only at eviction steps."""
+        return None
+
+    #: optional callback(layer, positions, scores), both (kv_heads, cache_len), that sees the scores
+    #: a policy ranked its cache by at each eviction step (``namm inspect`` sets it; off by default)
+    score_hook = None
+
+    def record_scores(self, layer: int, positions: torch.Tensor, scores: torch.Tensor) -> None:
+        """Hand this step's scores to ``score_hook``, if set; scoring policies call it in ``select``."""
+        if self.score_hook is not None:
+            self.score_hook(layer, positions, scores)
+
+    # -- prefix sharing (namm.prefix) -----------------------------------------------------------
+    #: attributes that ``observe`` builds; copied when a prefix read under one policy is forked
+    fork_fields: tuple[str, ...] = ()
+
+    def fork_key(self) -> Hashable | None:
+        """None, or a key such that any two policies with equal keys build identical state (the
+        ``fork_fields``) from ``observe`` alone, before their first ``select``. A sequence read up
+        to its first eviction step under one of them can then be continued under the other."""
         return None
 
 

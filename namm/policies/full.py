@@ -12,3 +12,6 @@ class FullCache(MemoryPolicy):
     """Never evicts. Under the engine its logits equal the plain transformers forward."""
 
     name = "full"
+
+    def fork_key(self) -> tuple[str]:
+        return ("full",)  # no per-token state: any prefix read with a full cache can be shared

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from namm.memory.features import RunningStats, StreamingSpectrogram
-from namm.memory.model import NAMM
-from namm.memory.selection import budget_select, threshold_select
-from namm.policies.base import BudgetMixin, CacheSpec, MemoryPolicy, tokens_seen
+from namm.memory.model import KEEP_MODES, NAMM
+from namm.memory.selection import budget_select, threshold_count
+from namm.policies.base import BudgetMixin, CacheSpec, MemoryPolicy, tokens_seen, topk_indices
 
 _VECTOR_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".npy", ".safetensors")
 
@@ -37,6 +38,9 @@ class NAMMPolicy(MemoryPolicy):
     max_cache: optional cap on tokens kept per layer (overrides the NAMM's own ``max_cache``).
     budget / keep_ratio: keep exactly each head's top-``budget`` tokens (or that fraction of the
                tokens seen) instead of thresholding, for comparisons at matched cache size.
+    keep:      "threshold" or "budget"; by default the arguments decide (a budget or keep_ratio
+               means budget, a max_cache threshold), else the keep mode the NAMM records (a
+               budget-evolved NAMM then keeps its recorded keep_ratio).
     calibrate: keep everything and collect the feature normalisation statistics (``stats``);
                see :func:`namm.memory.calibration.calibrate`.
     """
@@ -46,8 +50,14 @@ class NAMMPolicy(MemoryPolicy):
     budget: int | None = None
     keep_ratio: float | None = None
     calibrate: bool = False
+    keep: str | None = None
     needs_attention = True
     name = "namm"
+    fork_fields = ("spectrogram", "positions")
+
+    def fork_key(self) -> tuple:
+        """Features depend on the feature config only, not on the parameters: members share prefixes."""
+        return ("namm", self.namm.config.features)
 
     def __post_init__(self) -> None:
         if self.namm is None:
@@ -65,17 +75,49 @@ class NAMMPolicy(MemoryPolicy):
             raise ValueError(f"max_cache must be a positive number of tokens or None, got {self.max_cache!r}.")
         if self.budget is not None or self.keep_ratio is not None:
             BudgetMixin.check_budget(self)  # type: ignore[arg-type]
+        self.keep = self._resolve_keep()
         self.stats = RunningStats(self.namm.config.features.n_bins)
 
+    def _resolve_keep(self) -> str:
+        """The keep mode (see the ``keep`` field); a budget without a size takes the NAMM's keep_ratio."""
+        recorded = self.namm.config
+        sized = self.budget is not None or self.keep_ratio is not None
+        keep = self.keep or ("budget" if sized else "threshold" if self.max_cache is not None else recorded.keep)
+        if keep not in KEEP_MODES:
+            raise ValueError(f"keep must be one of {KEEP_MODES}, got {keep!r}.")
+        if keep == "threshold" and sized:
+            raise ValueError("keep='threshold' keeps an emergent number of tokens; drop budget/keep_ratio "
+                             "(cap it with max_cache) or use keep='budget'.")
+        if keep == "budget" and not sized:
+            if recorded.keep_ratio is None:
+                raise ValueError("keep='budget' needs a budget or keep_ratio (this NAMM records none).")
+            self.keep_ratio = recorded.keep_ratio
+        if keep == "budget" and self.max_cache is not None:
+            raise ValueError("max_cache caps the threshold mode; in budget mode give budget or keep_ratio.")
+        return keep
+
     @property
-    def schedule(self) -> dict[str, int]:
-        """Engine overrides the NAMM was evolved with: ``Engine(model, tok, policy, **policy.schedule)``."""
-        return {"chunk_size": self.namm.config.chunk_size, "delay": self.namm.config.delay}
+    def schedule(self) -> dict[str, Any]:
+        """The engine schedule the NAMM was evolved with (``EngineConfig`` keyword arguments); an
+        :class:`~namm.engine.Engine` built with this policy and no config runs it."""
+        return self.namm.config.schedule
+
+    @property
+    def chat(self) -> bool | None:
+        """Whether the NAMM was evolved on chat-formatted prompts (None: not recorded)."""
+        return self.namm.config.chat
+
+    def describe_keep(self) -> str:
+        if self.keep == "budget":
+            return f"budget, top-k NAMM scores, {super().describe_keep()}"
+        cap = self.max_cache if self.max_cache is not None else self.namm.config.max_cache
+        return f"threshold (score >= {self.namm.config.threshold:g})" + (f", cap {cap} tokens" if cap else "")
 
     def reset(self, spec: CacheSpec) -> None:
         super().reset(spec)
         self.spectrogram = StreamingSpectrogram(self.namm.config.features)
         self.positions: dict[int, torch.Tensor] = {}  # layer -> (kv_heads, cache_len)
+        self._plans: dict[int, tuple] = {}  # this eviction step: layer -> (scores, candidates, n_keep)
 
     def observe(self, layer: int, attn: torch.Tensor | None, keys: torch.Tensor, positions: torch.Tensor) -> None:
         if attn is None:
@@ -83,21 +125,41 @@ class NAMMPolicy(MemoryPolicy):
         self.spectrogram.observe(layer, attn)
         self.positions[layer] = positions
 
+    def begin_eviction(self) -> None:
+        """Score every observed layer in batched scorer calls; ``select`` uses the result."""
+        layers = [layer for layer in self.spec.managed_layers if layer in self.positions]
+        self._plans = {} if self.calibrate or not layers else self._plan(layers)
+
     def select(self, layer: int) -> torch.Tensor | None:
-        ema = self.spectrogram.ema(layer)  # (kv_heads, cache_len, n_bins)
         if self.calibrate:
-            self.stats.update(ema)
+            self.stats.update(self.spectrogram.scoring_ema(layer))  # what the scorer would see
             return None
         positions = self.positions[layer]
-        scores = self.namm.score(ema, positions)  # (kv_heads, cache_len)
-        if self.budget is not None or self.keep_ratio is not None:
-            n_keep = BudgetMixin.n_keep(self, tokens_seen(positions), scores.shape[-1])  # type: ignore[arg-type]
-            keep = budget_select(scores, n_keep)
-        else:
-            cap = self.max_cache if self.max_cache is not None else self.namm.config.max_cache
-            keep = threshold_select(scores, self.namm.config.threshold, cap)
-        if keep.shape[-1] == scores.shape[-1]:
+        plan = self._plans.pop(layer, None)
+        if plan is None or plan[0].shape[-1] != positions.shape[1]:  # called without begin_eviction()
+            plan = self._plan([layer])[layer]
+        scores, candidates, n_keep = plan
+        self.record_scores(layer, positions, scores)
+        if n_keep >= scores.shape[-1]:
             return None  # everything kept: nothing to gather
+        keep = budget_select(scores, n_keep) if candidates is None else topk_indices(candidates, n_keep)
         self.spectrogram.prune(layer, keep)
         self.positions[layer] = positions.gather(1, keep.to(positions.device))
         return keep
+
+    def _plan(self, layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor | None, int]]:
+        """Per layer: the scores (kv_heads, cache_len), the threshold candidates to rank (None in
+        budget mode) and how many tokens to keep.
+
+        One host sync for all layers: the token count (budget) or the keep counts (threshold).
+        """
+        emas = [self.spectrogram.scoring_ema(layer) for layer in layers]  # (kv_heads, cache_len, n_bins)
+        scores = self.namm.score_layers(emas, [self.positions[layer] for layer in layers])
+        if self.keep == "budget":
+            seen = tokens_seen(self.positions[layers[0]])  # every layer keeps the newest token
+            counts = [BudgetMixin.n_keep(self, seen, s.shape[-1]) for s in scores]  # type: ignore[arg-type]
+            return {layer: (s, None, n) for layer, s, n in zip(layers, scores, counts)}
+        cap = self.max_cache if self.max_cache is not None else self.namm.config.max_cache
+        ranked = [threshold_count(s, self.namm.config.threshold, cap) for s in scores]
+        counts = torch.stack([n_keep for _, n_keep in ranked]).tolist()
+        return {layer: (s, c, n) for layer, s, (c, _), n in zip(layers, scores, ranked, counts)}

@@ -65,7 +65,9 @@ class RankedPolicy(BudgetMixin, MemoryPolicy):
     def select(self, layer: int) -> torch.Tensor | None:
         positions = self._positions[layer]
         n_keep = self.keep_count(layer, positions)
-        keep = topk_indices(self.scores(layer, n_keep), n_keep)
+        scores = self.scores(layer, n_keep)
+        self.record_scores(layer, positions, scores)
+        keep = topk_indices(scores, n_keep)
         self._positions[layer] = positions.gather(-1, keep)
         self.prune(layer, keep)
         return keep

@@ -19,7 +19,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["FILLERS", "NOISE_SENTENCES", "FillerStream", "prose_chapters"]
+__all__ = ["FILLERS", "NOISE_SENTENCES", "FillerStream", "prose_chapters", "prose_labels"]
 
 FILLERS = ("prose", "noise")
 NOISE_SENTENCES = (
@@ -31,17 +31,27 @@ _LONG_UNIT = 120  # characters; longer sentences are split at commas so lengths 
 
 
 @lru_cache(maxsize=2)
-def prose_chapters(split: str) -> tuple[str, ...]:
-    """Chapters of the shipped public-domain prose for ``split`` ("train" or "test")."""
+def _prose(split: str) -> tuple[tuple[str, str], ...]:
+    """(label, text) of every chapter of ``split``, e.g. ("Genesis 1", "In the beginning ...")."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
     raw = (Path(__file__).resolve().parent.parent / "data" / "kjv_prose.tsv.gz").read_bytes()
     chapters = []
     for line in gzip.decompress(raw).decode("utf-8").splitlines():
-        part, _, text = line.split("\t", 2)
+        part, label, text = line.split("\t", 2)
         if part == split:
-            chapters.append(text)
+            chapters.append((label, text))
     return tuple(chapters)
+
+
+def prose_chapters(split: str) -> tuple[str, ...]:
+    """Chapters of the shipped public-domain prose for ``split`` ("train" or "test")."""
+    return tuple(text for _, text in _prose(split))
+
+
+def prose_labels(split: str) -> tuple[str, ...]:
+    """The chapters' labels ("Genesis 1", ...), in the order of :func:`prose_chapters`."""
+    return tuple(label for label, _ in _prose(split))
 
 
 def _units(chapter: str) -> list[str]:
@@ -57,7 +67,8 @@ class FillerStream:
     """An endless, reproducible sequence of filler sentences; ``take(n)`` gives the first ``n``.
 
     Prose starts at a chapter chosen by ``rng`` and reads on in order (wrapping around), so the
-    haystack is coherent text; noise cycles RULER's five sentences.
+    haystack is coherent text; noise cycles RULER's five sentences. ``books`` names the books
+    read so far (for prose).
     """
 
     def __init__(self, kind: str, split: str, rng: random.Random):
@@ -65,15 +76,17 @@ class FillerStream:
             raise ValueError(f"Unknown filler {kind!r}; use one of {', '.join(FILLERS)}.")
         self.kind = kind
         self._sentences: list[str] = []
+        self.books: set[str] = set()
         if kind == "prose":
-            self._chapters = prose_chapters(split)
+            self._chapters = _prose(split)
             self._next_chapter = rng.randrange(len(self._chapters))
 
     def take(self, n: int) -> list[str]:
         if self.kind == "noise":
             return [NOISE_SENTENCES[i % len(NOISE_SENTENCES)] for i in range(n)]
         while len(self._sentences) < n:
-            chapter = self._chapters[self._next_chapter % len(self._chapters)]
+            label, chapter = self._chapters[self._next_chapter % len(self._chapters)]
+            self.books.add(label.rsplit(" ", 1)[0])
             self._sentences.extend(_units(chapter))
             self._next_chapter += 1
         return self._sentences[:n]

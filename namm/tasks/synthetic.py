@@ -261,6 +261,7 @@ def generate(
             id=f"{task}-{split}-L{length}-s{seed}-{index}", task=task, context=context,
             question=f"{plan.question}\n{plan.answer_prefix}", answers=plan.answers, metric=plan.metric,
             prompt=prompt, max_new_tokens=plan.max_new_tokens, length=length,
-            meta={"prompt_tokens": n_tokens(k), "units": k, "filler": filler, "split": split, "seed": seed},
+            meta={"prompt_tokens": n_tokens(k), "units": k, "filler": filler, "split": split, "seed": seed,
+                  "books": sorted(stream.books)},
         ))
     return samples

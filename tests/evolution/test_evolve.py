@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import pickle
 import signal
@@ -84,15 +85,17 @@ def test_metric_fitness_generates_and_scores(tmp_path, tiny_config):
                          stages=[{"tasks": ["passkey"], "generations": 1}])
     final = EvolutionRun(config).run()
     row = final["history"][0]
-    # a random model never finds the passkey: member score 0 / (full-cache 0 + 1e-7) = 0
-    assert row["fitness"] == [0.0, 0.0] and row["eval_fitness"] == 0.0
+    # a random model never finds the passkey: no prompt counts (the full cache scores 0 on all of
+    # them), so every member gets the finite no-evidence fitness 1, not 0 / 1e-7 or x / 1e-7
+    assert row["fitness"] == [1.0, 1.0] and row["eval_fitness"] == 1.0
+    assert row["member_score"] == [1.0, 1.0]
     refs = (Path(config.output_dir) / "reference_scores.json").read_text()
-    assert '"score": 0.0' in refs and "tiny-llama|passkey|L256|passkey-train-L256-s0-" in refs
+    assert '"score": 0.0' in refs and "tiny-llama|passkey|L320|passkey-train-L320-s0-" in refs
 
 
 def test_kill_9_mid_run_then_resume_matches_uninterrupted(tmp_path, tiny_dict, write_toml):
     # two stages: the second adds a task and continues the optimiser and the generation count
-    tasks = [{"name": "passkey", "length": 256, "prompts": 6}, {"name": "kv_retrieval", "length": 256, "prompts": 6}]
+    tasks = [{"name": "passkey", "length": 320, "prompts": 6}, {"name": "kv_retrieval", "length": 320, "prompts": 6}]
     stages = [{"tasks": ["passkey"], "generations": 3}, {"tasks": ["passkey", "kv_retrieval"], "generations": 2}]
     data = tiny_dict(tmp_path / "unused", tasks=tasks, stages=stages)
     cfg = write_toml(tmp_path / "run.toml", data)
@@ -120,3 +123,36 @@ def test_kill_9_mid_run_then_resume_matches_uninterrupted(tmp_path, tiny_dict, w
     assert [r["stage"] for r in rows] == ["1", "1", "1", "2", "2"]
     assert rows[-1]["tasks"] == "passkey+kv_retrieval"
     assert NAMM.from_pretrained(killed / "mean").get_flat().equal(NAMM.from_pretrained(straight / "mean").get_flat())
+
+
+def test_budget_run_with_continuation_records_its_conditions(tmp_path, tiny_config):
+    from namm.evolution.runner import EvolutionRun
+
+    tasks = [{"name": "passkey", "length": 320, "prompts": 4},
+             {"name": "continuation", "length": 320, "prompts": 4, "weight": 0.5,
+              "options": {"continuation_tokens": 16}}]
+    config = tiny_config(engine={"chunk_size": 32, "delay": 64, "evict_at_prefill_end": False},
+                         namm={"keep": "budget", "keep_ratio": 0.5}, optimizer={"popsize": 3}, eval_interval=1,
+                         tasks=tasks, stages=[{"tasks": ["passkey", "continuation"], "generations": 2}])
+    final = EvolutionRun(config).run()
+    run = Path(config.output_dir)
+    for row in final["history"]:
+        # budget mode: every member keeps exactly the same cache, so only the score ranks them
+        assert len(set(row["member_kept"])) == 1 and 0.5 <= row["member_kept"][0] < 0.75
+        assert len(row["member_score"]) == 3 and row["fitness"] == row["member_score"]
+        assert len(set(row["fitness"])) == 3  # the dense objective separates the members
+        assert set(row["eval_per_task"]) == {"passkey", "continuation"}
+    logged = read_log(run)[-1]
+    assert [float(x) for x in logged["member_kept"].split()] == pytest.approx(final["history"][-1]["member_kept"],
+                                                                               rel=1e-3)
+    assert len(logged["member_score"].split()) == 3
+
+    mean = NAMM.from_pretrained(run / "mean")  # the conditions it was evolved under travel with it
+    c = mean.config
+    assert (c.keep, c.keep_ratio, c.chat, c.chunk_size, c.delay, c.evict_at_prefill_end, c.evict_during_prefill) == \
+        ("budget", 0.5, False, 32, 64, False, True)
+    refs = json.loads((run / "reference_scores.json").read_text())
+    continuation = {k: v for k, v in refs.items() if "|continuation|" in k}
+    assert any("continuation-train-L320-s0-" in k for k in continuation)
+    assert any("continuation-test-L320-s1000000-" in k for k in continuation)  # the eval pool
+    assert all(v["tokens"] == 16 and v["loglik"] < 0 for v in continuation.values())

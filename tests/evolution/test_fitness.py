@@ -1,4 +1,4 @@
-"""Fitness arithmetic (namm-algorithm.md section 5), prompt draws and the reference cache."""
+"""Fitness arithmetic (namm-algorithm.md section 5, bounded), prompt draws and the reference cache."""
 
 from __future__ import annotations
 
@@ -8,22 +8,26 @@ from types import SimpleNamespace
 import pytest
 
 from namm.evolution.config import FitnessConfig
-from namm.evolution.fitness import GUARD, PromptResult, member_fitness, task_ratio
+from namm.evolution.fitness import MAX_RATIO, NO_EVIDENCE, PromptResult, member_fitness, task_ratio
 from namm.evolution.prompts import Prompt, PromptPools, ReferenceScores
 
 
-def prompts(tasks: dict[str, int]) -> list[Prompt]:
-    return [Prompt(id=f"{t}:{i}", task=t, sample=None) for t, n in tasks.items() for i in range(n)]
+def prompts(tasks: dict[str, int], objective: str = "metric") -> list[Prompt]:
+    return [Prompt(id=f"{t}:{i}", task=t, sample=None, objective=objective) for t, n in tasks.items() for i in range(n)]
 
 
-def test_metric_ratio_is_ratio_of_sums_with_guard():
-    results = [PromptResult(score=s) for s in (1.0, 0.0, 0.5)]
-    refs = [PromptResult(score=s) for s in (1.0, 1.0, 0.0)]
-    assert task_ratio("metric", results, refs) == pytest.approx(50.0 / (100 * 2 / 3 + GUARD))
-    # an all-zero reference: 0/1e-7 -> 0 when the member also scores 0, huge otherwise
+def test_metric_ratio_counts_only_prompts_the_full_cache_solves():
+    results = [PromptResult(score=s) for s in (1.0, 0.0, 1.0, 0.5)]
+    refs = [PromptResult(score=s) for s in (1.0, 1.0, 0.0, 0.5)]
+    # prompt 3 (full cache 0) does not count: (1 + 0 + 0.5) / (1 + 1 + 0.5)
+    assert task_ratio("metric", results, refs) == pytest.approx(1.5 / 2.5)
+    # an all-zero reference: no prompt counts, whatever the member scored (the reference gave 1e9)
     zeros = [PromptResult(score=0.0)] * 2
-    assert task_ratio("metric", zeros, zeros) == 0.0
-    assert task_ratio("metric", [PromptResult(score=1.0), PromptResult(score=0.0)], zeros) == pytest.approx(50 / GUARD)
+    assert task_ratio("metric", zeros, zeros) is None
+    assert task_ratio("metric", [PromptResult(score=1.0), PromptResult(score=0.0)], zeros) is None
+    # a member beating a weak full cache is capped
+    weak = [PromptResult(score=0.1), PromptResult(score=0.0)]
+    assert task_ratio("metric", [PromptResult(score=1.0), PromptResult(score=1.0)], weak) == MAX_RATIO
 
 
 def test_loglik_ratio_is_geometric_mean_per_token_likelihood_ratio():
@@ -32,6 +36,38 @@ def test_loglik_ratio_is_geometric_mean_per_token_likelihood_ratio():
     expected = math.exp(((-10 + 5) / 5 + (-3 + 4) / 2) / 2)
     assert task_ratio("loglik", results, refs) == pytest.approx(expected)
     assert task_ratio("loglik", refs, refs) == 1.0  # the full cache itself scores exactly 1
+    better = [PromptResult(loglik=0.0, tokens=5), PromptResult(loglik=0.0, tokens=2)]
+    assert task_ratio("loglik", better, refs) == pytest.approx(MAX_RATIO)  # exp(1.5) = 4.5, capped
+
+
+def test_generation_where_the_full_cache_scores_zero_everywhere_is_finite():
+    ps = prompts({"passkey": 2, "niah": 2})
+    zeros = [PromptResult(score=0.0, kept=1.0)] * 4
+    lucky = [PromptResult(score=1.0, kept=0.4), PromptResult(score=0.0, kept=0.2)] * 2
+    for config in (FitnessConfig(), FitnessConfig(kept_penalty=0.5), FitnessConfig(kept_cap=0.25)):
+        a = member_fitness(config, ps, lucky, zeros)
+        b = member_fitness(config, ps, [PromptResult(score=0.0, kept=0.3)] * 4, zeros)
+        assert a.per_task == {} and a.raw == b.raw == NO_EVIDENCE
+        assert math.isfinite(a.fitness) and math.isfinite(b.fitness)
+    # with a penalty the member keeping less ranks first; over the cap ranks by how far over
+    assert member_fitness(FitnessConfig(kept_penalty=0.5), ps, lucky, zeros).fitness == pytest.approx(1 - 0.5 * 0.3)
+    assert member_fitness(FitnessConfig(kept_cap=0.25), ps, lucky, zeros).fitness == pytest.approx(-0.05)
+    # a task without evidence drops out; one that has it (here a likelihood task) decides alone
+    mixed = ps + prompts({"continuation": 1}, objective="loglik")
+    refs = zeros + [PromptResult(loglik=-8.0, tokens=4)]
+    member = lucky + [PromptResult(loglik=-12.0, tokens=4)]
+    fit = member_fitness(FitnessConfig(), mixed, member, refs)
+    assert fit.per_task == pytest.approx({"continuation": math.exp(-1.0)})
+    assert fit.raw == pytest.approx(math.exp(-1.0))
+
+
+def test_task_weights():
+    ps = prompts({"a": 1}) + prompts({"continuation": 1}, objective="loglik")
+    refs = [PromptResult(score=1.0), PromptResult(loglik=-4.0, tokens=2)]
+    member = [PromptResult(score=0.0), PromptResult(loglik=-4.0, tokens=2)]  # ratios 0 and 1
+    assert member_fitness(FitnessConfig(), ps, member, refs).raw == pytest.approx(0.5)
+    weighted = member_fitness(FitnessConfig(), ps, member, refs, weights={"a": 1.0, "continuation": 0.25})
+    assert weighted.raw == pytest.approx(0.25 / 1.25)
 
 
 def test_mean_over_tasks_and_cache_terms():
@@ -51,11 +87,11 @@ def test_mean_over_tasks_and_cache_terms():
     assert within.fitness == 0.0 and within.fitness > capped.fitness
 
 
-def fake_pools(samples_per_task=3, eval_samples=2, seed=0) -> PromptPools:
-    config = SimpleNamespace(seed=seed, fitness=FitnessConfig(samples_per_task=samples_per_task,
-                                                              eval_samples_per_task=eval_samples),
+def fake_pools(samples_per_task=3, seed=0) -> PromptPools:
+    config = SimpleNamespace(seed=seed, samples=lambda task: samples_per_task,
                              calibration=SimpleNamespace(task="a", samples=2))
-    return PromptPools(config, {"a": prompts({"a": 10}), "b": prompts({"b": 10})})
+    held_out = {t: [Prompt(id=f"{t}:eval{i}", task=t, sample=None) for i in range(2)] for t in "ab"}
+    return PromptPools(config, {"a": prompts({"a": 10}), "b": prompts({"b": 10})}, held_out)
 
 
 def test_generation_draws_are_seeded_fresh_and_without_replacement():
@@ -67,7 +103,7 @@ def test_generation_draws_are_seeded_fresh_and_without_replacement():
     later = [[p.id for p in pools.generation_batch(g, ["a"])] for g in range(1, 6)]
     assert any(ids != [p.id for p in g0[:3]] for ids in later)  # fresh prompts each generation
     assert [p.id for p in fake_pools(seed=1).generation_batch(0, ["a"])] != [p.id for p in g0[:3]]
-    assert [p.id for p in pools.eval_batch(["a", "b"])] == ["a:0", "a:1", "b:0", "b:1"]
+    assert [p.id for p in pools.eval_batch(["a", "b"])] == ["a:eval0", "a:eval1", "b:eval0", "b:eval1"]
     assert [p.id for p in pools.calibration_batch()] == ["a:0", "a:1"]
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from namm.memory.scoring import BAMScorer, MLPScorer, ScorerConfig, build_scorer
+from namm.memory.scoring import BAMScorer, MLPScorer, ScorerConfig, build_scorer, score_ragged
 
 
 def random_bam(seed: int = 0, dtype=torch.float64) -> BAMScorer:
@@ -130,3 +130,25 @@ def test_set_flat_rejects_wrong_size() -> None:
         BAMScorer().set_flat(torch.zeros(4171))
     with pytest.raises(ValueError, match="Unknown scorer"):
         ScorerConfig(kind="lstm")
+
+
+@pytest.mark.parametrize("slack", [1.25, float("inf")], ids=["grouped", "one-call"])
+@pytest.mark.parametrize("kind", ["bam", "mlp"])
+def test_score_ragged_left_padding_equals_separate_calls(kind: str, slack: float) -> None:
+    """Token sets of unequal length (layers x heads), left-padded into shared calls: BAM's backward
+    mask keeps every real token blind to the older padding, so scores equal one call per set."""
+    scorer = random_bam(4) if kind == "bam" else MLPScorer(hidden=8, depth=2, dtype=torch.float64)
+    if kind == "mlp":
+        scorer.set_flat(torch.randn(scorer.num_params, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    gen = torch.Generator().manual_seed(6)
+    sets = [torch.randn(h, n, 25, generator=gen, dtype=torch.float64) for h, n in [(2, 40), (3, 25), (2, 40), (2, 7), (3, 33)]]
+    calls = []
+    original = scorer.forward
+    scorer.forward = lambda z: calls.append(tuple(z.shape)) or original(z)
+    got = score_ragged(scorer, sets, slack=slack)
+    for z, scores in zip(sets, got):
+        torch.testing.assert_close(scores, original(z), rtol=0, atol=1e-12)
+    if slack == float("inf"):
+        assert calls == [(12, 40, 25)]  # every set in one call, padded to 40 tokens
+    else:
+        assert calls == [(7, 40, 25), (3, 25, 25), (2, 7, 25)]  # 40, 40 and 33 share a call; 25 and 7 would waste

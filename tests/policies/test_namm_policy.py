@@ -97,6 +97,92 @@ def test_calibration_collects_frozen_stats(tiny_llama, tmp_path) -> None:
 
 
 def test_schedule_comes_from_the_namm() -> None:
-    policy = NAMMPolicy(NAMM(NAMMConfig(delay=256, chunk_size=64)))
-    assert policy.schedule == {"chunk_size": 64, "delay": 256}
+    policy = NAMMPolicy(NAMM(NAMMConfig(delay=256, chunk_size=64, evict_at_prefill_end=False)))
+    assert policy.schedule == {"chunk_size": 64, "delay": 256, "evict_at_prefill_end": False,
+                               "evict_during_prefill": True}
     assert EngineConfig(**policy.schedule).delay == 256
+
+
+def test_question_attention_decides_what_is_kept() -> None:
+    """At a prompt-end step, 5 question queries attend only key 2: with the partial frame the
+    NAMM (score = DC bin - c) keeps key 2 and drops key 3; without it both look the same."""
+    from namm.memory.features import FeatureConfig
+    from namm.policies.base import CacheSpec
+
+    attn = torch.full((1, 69, 10), 0.1)
+    attn[:, 64:] = 0.0
+    attn[:, 64:, 2] = 1.0  # the question
+    kept = {}
+    for partial_frame in (True, False):
+        vec = torch.zeros(4172)
+        vec[-26 + 8] = 1.0  # w3 on the first spectrogram bin (DC) of the un-normalised EMA
+        vec[-1] = -1.3  # c: between key 3's ~0.98 and key 2's ~1.68 with the question counted
+        policy = NAMMPolicy(NAMM(NAMMConfig(features=FeatureConfig(partial_frame=partial_frame)), params=vec))
+        policy.reset(CacheSpec(num_layers=1, managed_layers=(0,), kv_heads=1, head_dim=4))
+        policy.observe(0, attn, torch.zeros(1, 10, 4), torch.arange(59, 69)[None])
+        policy.begin_eviction()
+        keep = policy.select(0)
+        kept[partial_frame] = set(range(10)) if keep is None else set(keep[0].tolist())
+    assert 2 in kept[True] and 3 not in kept[True]
+    assert (2 in kept[False]) == (3 in kept[False])
+
+
+def random_bam_namm(seed: int) -> NAMM:
+    """Random BAM parameters with a (made-up) normalisation that makes the spectrogram matter."""
+    from namm.memory.features import RunningStats
+
+    vec = torch.randn(4172, generator=torch.Generator().manual_seed(seed)) * 0.1
+    norm = RunningStats.from_mean_var(100.0, torch.full((17,), 0.02), torch.full((17,), 1e-4))
+    return NAMM(params=vec, norm=norm)
+
+
+def test_batched_scores_equal_per_layer_scores() -> None:
+    """Layers of unequal cache length: one batched (left-padded) BAM call gives each layer's own
+    scores (fp64), and begin_eviction + select keeps what select alone keeps."""
+    from namm.policies.base import CacheSpec
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = {0: 50, 1: 37, 2: 64}
+    namm = random_bam_namm(1)
+    namm.scorer.to(dtype=torch.float64)
+    kept = []
+    for batched in (True, False):
+        policy = NAMMPolicy(namm)
+        policy.reset(CacheSpec(num_layers=3, managed_layers=(0, 1, 2), kv_heads=2, head_dim=4))
+        gen.manual_seed(0)
+        for layer, n in lengths.items():
+            attn = torch.rand(2, 21, n, generator=gen, dtype=torch.float64) * 0.1  # (kv_heads, queries, keys)
+            positions = torch.randperm(300, generator=gen)[:n].sort().values.expand(2, n)
+            policy.observe(layer, attn, torch.zeros(2, n, 4), positions)
+        if batched:
+            emas = [policy.spectrogram.scoring_ema(layer) for layer in lengths]
+            together = namm.score_layers(emas, [policy.positions[layer] for layer in lengths])
+            for layer, got in zip(lengths, together):
+                alone = namm.score(policy.spectrogram.scoring_ema(layer), policy.positions[layer])
+                assert got.shape == (2, lengths[layer])
+                torch.testing.assert_close(got, alone, rtol=0, atol=1e-12)
+            policy.begin_eviction()
+        kept.append([policy.select(layer) for layer in lengths])
+    assert any(k is not None for k in kept[0])
+    for a, b in zip(*kept):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(budget=40)], ids=["threshold", "budget"])
+def test_batched_scoring_under_the_engine(tiny_llama, monkeypatch, mode) -> None:
+    """The engine's begin_eviction path keeps exactly the tokens of per-layer scoring in select()."""
+    model, tok = tiny_llama
+    config = EngineConfig(chunk_size=32, delay=64, record_evictions=True)
+    ids = prompt_ids(200, seed=3)
+    logs = []
+    for batched in (True, False):
+        policy = NAMMPolicy(random_bam_namm(1), **mode)
+        if not batched:
+            monkeypatch.setattr(policy, "begin_eviction", lambda: None)
+        _, seq = logits_under(Engine(model, tok, config=config), policy, ids, n_decode=0)
+        logs.append(seq.eviction_log)
+    assert len(logs[0]) == len(logs[1]) == 4 and any(kept for _, kept in logs[0])
+    for (step_a, kept_a), (step_b, kept_b) in zip(*logs):
+        assert step_a == step_b and kept_a.keys() == kept_b.keys()
+        for layer in kept_a:
+            assert torch.equal(kept_a[layer], kept_b[layer])

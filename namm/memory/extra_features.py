@@ -1,0 +1,153 @@
+"""Optional per-token NAMM inputs beyond the attention spectrogram (not wired into the NAMM yet).
+
+The paper's NAMM sees, per cached token, an EMA'd STFT of the attention it received plus its age
+(:mod:`namm.memory.features`). These extra inputs stay model-agnostic (no hidden sizes, no
+vocabulary; norms are relative to the layer's own cache, attention values are probabilities) and
+are cheap to stream:
+
+* ``value_norm``   log(|v_k| / mean_j |v_j|), the token's value norm relative to its head's cache.
+* ``key_norm``     log(|k_k| / mean_j |k_j|), the same for keys (the L2 baseline keeps *low* ones).
+* ``attn_var``     log of the EMA-weighted variance over queries of the attention the token got.
+* ``attn_entropy`` entropy of the EMA-weighted attention the token got, as a distribution over
+                   the queries that gave it: high when many queries attended it evenly, 0 when a
+                   single query did (or none).
+* ``attn_peak``    log of the largest attention any recent query gave it, decayed with age.
+
+Attention statistics are streamed like the spectrogram: after each forward call the chunk's
+attention (kv_heads, new_queries, cache_len) is folded into a few numbers per token and dropped.
+Query i of a stream of T gets the weight ``w_i = (1 - g) g**(T - 1 - i)`` (g = ``ema_coeff``,
+0.99 per query as the spectrogram), and a token gets zero attention from the queries before it
+existed, as in the spectrogram.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+EXTRA_FEATURES = ("value_norm", "key_norm", "attn_var", "attn_entropy", "attn_peak")
+LOG_EPS = 1e-10  # floor inside the logs of variance and peak
+
+
+def relative_log_norm(x: torch.Tensor) -> torch.Tensor:
+    """log(|x_k| / mean_j |x_j|) per head: (kv_heads, cache_len, head_dim) -> (kv_heads, cache_len).
+
+    Scale-free (a layer whose keys are 10x larger gets the same values), so one NAMM can read it
+    on every layer and model.
+    """
+    norms = x.float().norm(dim=-1).clamp_min(1e-12)  # (kv_heads, cache_len)
+    return (norms / norms.mean(dim=-1, keepdim=True)).log()
+
+
+class AttentionMoments:
+    """Per-layer streaming EMA statistics of the attention each cached token receives.
+
+    State per layer, each (kv_heads, cache_len): ``s`` = sum_i w_i a_i, ``s2`` = sum_i w_i a_i^2,
+    ``t`` = sum_i w_i a_i log a_i, ``r`` = sum_i w_i a_i log w_i (keeps the entropy exact as the
+    weights decay), ``peak`` = max_i g**(T-1-i) a_i; plus ``total`` = sum_i w_i = 1 - g**T, the
+    same for every token. New tokens enter with zeros.
+    """
+
+    def __init__(self, ema_coeff: float = 0.99) -> None:
+        if not 0.0 < float(ema_coeff) < 1.0:
+            raise ValueError(f"ema_coeff must be in (0, 1), got {ema_coeff!r}.")
+        self.ema_coeff = float(ema_coeff)
+        self.state: dict[int, dict[str, torch.Tensor]] = {}
+        self.total: dict[int, float] = {}
+
+    def reset(self) -> None:
+        self.state.clear()
+        self.total.clear()
+
+    def observe(self, layer: int, attn: torch.Tensor) -> None:
+        """Fold one forward call's attention (kv_heads, new_queries, cache_len) into the state."""
+        heads, n_new, cache_len = attn.shape
+        g = self.ema_coeff
+        state = self.state.get(layer)
+        if state is None:
+            state = {k: attn.new_zeros(heads, 0) for k in ("s", "s2", "t", "r", "peak")}
+        grown = cache_len - state["s"].shape[-1]
+        if grown < 0:
+            raise RuntimeError(f"layer {layer}: attention covers {cache_len} keys but {state['s'].shape[-1]} "
+                               "are tracked; prune() the evicted tokens first.")
+        state = {k: F.pad(v, (0, grown)) for k, v in state.items()}
+        age = torch.arange(n_new - 1, -1, -1, dtype=attn.dtype, device=attn.device)  # newest query: 0
+        w = (1.0 - g) * g**age  # (new_queries,)
+        decay = g**n_new
+        a = attn
+        weights = torch.stack([w, w * w.log()])  # (2, new_queries): for s and for r
+        s_new, r_new = torch.matmul(weights, a).unbind(1)  # 2 x (kv_heads, cache_len)
+        old_s = state["s"]
+        state["s"] = decay * old_s + s_new
+        state["s2"] = decay * state["s2"] + torch.matmul(w, a * a)
+        state["t"] = decay * state["t"] + torch.matmul(w, torch.xlogy(a, a))  # 0 log 0 = 0
+        # old weights shrink by g**n_new: log w gains n_new log g
+        state["r"] = decay * (state["r"] + n_new * math.log(g) * old_s) + r_new
+        recent_peak = (a * (g**age)[:, None]).amax(dim=1)  # (kv_heads, cache_len)
+        state["peak"] = torch.maximum(decay * state["peak"], recent_peak)
+        self.state[layer] = state
+        self.total[layer] = decay * self.total.get(layer, 0.0) + (1.0 - decay)
+
+    def prune(self, layer: int, keep_idx: torch.Tensor) -> None:
+        """Keep only the tokens ``keep_idx`` (kv_heads, n_keep) of ``layer``."""
+        idx = keep_idx.to(self.state[layer]["s"].device)
+        self.state[layer] = {k: v.gather(1, idx) for k, v in self.state[layer].items()}
+
+    # -- per-token statistics, each (kv_heads, cache_len) ------------------------------------------
+    def mean(self, layer: int) -> torch.Tensor:
+        """EMA-weighted mean attention received (the weights normalised to sum to 1)."""
+        return self.state[layer]["s"] / max(self.total[layer], 1e-30)
+
+    def variance(self, layer: int) -> torch.Tensor:
+        """EMA-weighted variance over queries of the attention received."""
+        total = max(self.total[layer], 1e-30)
+        mean = self.state[layer]["s"] / total
+        return (self.state[layer]["s2"] / total - mean * mean).clamp_min(0.0)
+
+    def entropy(self, layer: int) -> torch.Tensor:
+        """Entropy of p_i = w_i a_i / sum_j w_j a_j over the queries i (0 for unattended tokens)."""
+        st = self.state[layer]
+        s = st["s"]
+        attended = s > 0
+        safe = torch.where(attended, s, torch.ones_like(s))
+        h = safe.log() - (st["t"] + st["r"]) / safe
+        return torch.where(attended, h, torch.zeros_like(h)).clamp_min(0.0)
+
+    def peak(self, layer: int) -> torch.Tensor:
+        """max_i g**(T-1-i) a_i: the strongest recent attention, decayed with its age."""
+        return self.state[layer]["peak"]
+
+
+def extra_features(
+    names: tuple[str, ...] | list[str],
+    moments: AttentionMoments,
+    layer: int,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+) -> torch.Tensor:
+    """The requested extra inputs of one layer's cached tokens, (kv_heads, cache_len, len(names)).
+
+    keys / values: (kv_heads, cache_len, head_dim), the layer's cache in the order ``moments``
+    tracks (``attn_*`` need ``moments`` to have observed this layer). Order follows ``names``.
+    """
+    unknown = [n for n in names if n not in EXTRA_FEATURES]
+    if unknown:
+        raise ValueError(f"Unknown extra features {unknown}; known: {', '.join(EXTRA_FEATURES)}.")
+    columns = []
+    for name in names:
+        if name == "value_norm":
+            columns.append(relative_log_norm(values))
+        elif name == "key_norm":
+            columns.append(relative_log_norm(keys))
+        elif name == "attn_var":
+            columns.append((moments.variance(layer) + LOG_EPS).log())
+        elif name == "attn_entropy":
+            columns.append(moments.entropy(layer))
+        else:
+            columns.append((moments.peak(layer) + LOG_EPS).log())
+    return torch.stack([c.float() for c in columns], dim=-1)
+
+
+__all__ = ["EXTRA_FEATURES", "AttentionMoments", "extra_features", "relative_log_norm"]

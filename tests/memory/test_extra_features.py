@@ -1,0 +1,95 @@
+"""Extra NAMM inputs: streamed attention statistics against a direct computation, norms, edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from namm.memory.extra_features import EXTRA_FEATURES, AttentionMoments, extra_features, relative_log_norm
+
+G = 0.99
+
+
+def direct(series: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Statistics of each key's whole series (keys, T) with weights w_i = (1 - G) G^(T-1-i)."""
+    n = series.shape[1]
+    age = torch.arange(n - 1, -1, -1, dtype=series.dtype)
+    w = (1 - G) * G**age
+    total = float(w.sum())
+    mean = (series * w).sum(1) / total
+    var = (series**2 * w).sum(1) / total - mean**2
+    mass = series * w  # (keys, T)
+    p = mass / mass.sum(1, keepdim=True).clamp_min(1e-300)  # an unattended key: all zeros, entropy 0
+    entropy = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(1)
+    peak = (series * G**age).amax(1)
+    return {"mean": mean, "variance": var, "entropy": entropy, "peak": peak}
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_streaming_equals_direct_with_pruning(chunk: int) -> None:
+    heads, total = 2, 300
+    gen = torch.Generator().manual_seed(chunk)
+    history = torch.rand(heads, total, total, generator=gen, dtype=torch.float64).tril()  # (heads, q, k)
+    history[:, :, 5] = 0.0  # a key nobody attends (entropy 0 while it survives)
+    moments = AttentionMoments(G)
+    alive = torch.empty(heads, 0, dtype=torch.long)
+    for start in range(0, total, chunk):
+        stop = min(total, start + chunk)
+        alive = torch.cat([alive, torch.arange(start, stop).expand(heads, -1)], dim=1)
+        moments.observe(0, history[:, start:stop].gather(2, alive[:, None, :].expand(heads, stop - start, -1)))
+        if stop % 100 == 0 or stop == total:
+            for h in range(heads):
+                expected = direct(history[h, :stop].T[alive[h]])
+                for stat, value in expected.items():
+                    torch.testing.assert_close(getattr(moments, stat)(0)[h], value, rtol=1e-9, atol=1e-12)
+            if stop < total:  # evict a random half of each head's tokens
+                keep = torch.stack([torch.randperm(alive.shape[1], generator=gen)[: alive.shape[1] // 2].sort().values
+                                    for _ in range(heads)])
+                moments.prune(0, keep)
+                alive = alive.gather(1, keep)
+
+
+def test_entropy_and_peak_on_simple_patterns() -> None:
+    n = 200
+    attn = torch.zeros(1, n, 3, dtype=torch.float64)  # (heads, queries, keys)
+    attn[0, :, 0] = 0.5  # key 0: every query, equally
+    attn[0, 150, 1] = 0.8  # key 1: one query, 49 queries ago
+    moments = AttentionMoments(G)
+    moments.observe(0, attn)
+    w = (1 - G) * G ** torch.arange(n - 1, -1, -1, dtype=torch.float64)
+    p = w / w.sum()
+    entropy = moments.entropy(0)[0]
+    assert float(entropy[0]) == pytest.approx(float(-(p * p.log()).sum()), rel=1e-9)  # spread of the weights
+    assert float(entropy[1]) == pytest.approx(0.0, abs=1e-9)  # a single query
+    assert float(entropy[2]) == 0.0  # never attended
+    assert float(moments.peak(0)[0, 1]) == pytest.approx(0.8 * G**49, rel=1e-12)
+    assert float(moments.variance(0)[0, 0]) == pytest.approx(0.0, abs=1e-12)
+    assert float(moments.mean(0)[0, 0]) == pytest.approx(0.5, rel=1e-12)
+
+
+def test_relative_log_norm_is_scale_free() -> None:
+    keys = torch.tensor([[[3.0, 4.0], [0.0, 5.0], [0.0, 10.0]]])  # norms 5, 5, 10; mean 20/3
+    expected = torch.tensor([[math.log(0.75), math.log(0.75), math.log(1.5)]])
+    torch.testing.assert_close(relative_log_norm(keys), expected)
+    torch.testing.assert_close(relative_log_norm(keys * 1000), expected)
+
+
+def test_extra_features_stack_in_order() -> None:
+    gen = torch.Generator().manual_seed(0)
+    heads, n, d = 3, 40, 8
+    keys, values = torch.randn(heads, n, d, generator=gen), torch.randn(heads, n, d, generator=gen)
+    moments = AttentionMoments()
+    moments.observe(2, torch.softmax(torch.randn(heads, n, n, generator=gen), -1).tril())
+    out = extra_features(EXTRA_FEATURES, moments, 2, keys, values)
+    assert out.shape == (heads, n, len(EXTRA_FEATURES)) and torch.isfinite(out).all()
+    torch.testing.assert_close(out[..., 0], relative_log_norm(values))
+    torch.testing.assert_close(out[..., 1], relative_log_norm(keys))
+    torch.testing.assert_close(out[..., 3], moments.entropy(2))
+    swapped = extra_features(["attn_peak", "key_norm"], moments, 2, keys, values)
+    torch.testing.assert_close(swapped, out[..., [4, 1]])
+    with pytest.raises(ValueError, match="Unknown extra features"):
+        extra_features(["bogus"], moments, 2, keys, values)
+    with pytest.raises(ValueError, match="ema_coeff"):
+        AttentionMoments(1.0)

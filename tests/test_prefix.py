@@ -1,0 +1,81 @@
+"""Prefix sharing: a prompt forked from a stored snapshot runs exactly as if read from scratch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from namm.engine import Engine, EngineConfig
+from namm.memory.model import NAMM
+from namm.policies import make_policy
+from namm.policies.namm import NAMMPolicy
+from namm.prefix import PrefixStore
+
+CONFIG = EngineConfig(chunk_size=16, delay=64)
+
+
+def member(seed: int) -> NAMMPolicy:
+    """A NAMM with random parameters large enough to evict (like a CMA-ES member far from zero)."""
+    params = torch.randn(4172, generator=torch.Generator().manual_seed(seed)) * 0.3
+    return NAMMPolicy(NAMM(params=params))
+
+
+def ids(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def run(engine: Engine, policy, prompt: torch.Tensor):
+    out = engine.generate(prompt, max_new_tokens=12, policy=policy)
+    ll = engine.loglikelihood(prompt, ids(9, seed=7), policy=policy, return_report=True)
+    return out.token_ids, out.report.to_dict(), ll[0], ll[2].to_dict()
+
+
+@pytest.mark.parametrize("n_prompt", [40, 64, 150, 200])
+@pytest.mark.parametrize("end_eviction", [True, False])
+def test_forked_members_equal_unshared_runs(tiny_llama, n_prompt: int, end_eviction: bool) -> None:
+    model, tok = tiny_llama
+    config = EngineConfig(chunk_size=16, delay=64, evict_at_prefill_end=end_eviction)
+    plain = Engine(model, tok, config=config)
+    store = PrefixStore()
+    shared = Engine(model, tok, config=config, prefix_store=store)
+    prompt = ids(n_prompt)
+    evicted = False
+    for seed in range(3):  # seed 0 fills the store, 1 and 2 fork from it
+        expected = run(plain, member(seed), prompt)
+        got = run(shared, member(seed), prompt)
+        assert got == expected
+        evicted |= expected[1]["kept_fraction"] < 1.0
+    assert store.hits == 2 * 2 + 1  # generate + loglikelihood of members 1, 2; loglikelihood of member 0
+    assert len(store) == 1
+    if n_prompt > 64 or end_eviction:
+        assert evicted  # the members really evict after the shared prefix
+
+
+def test_full_cache_shares_and_other_policies_do_not(tiny_llama) -> None:
+    model, tok = tiny_llama
+    store = PrefixStore()
+    engine = Engine(model, tok, config=CONFIG, prefix_store=store)
+    prompt = ids(150)
+    first = engine.generate(prompt, max_new_tokens=8)
+    again = engine.generate(prompt, max_new_tokens=8)
+    assert again.token_ids == first.token_ids and store.hits == 1
+    h2o = make_policy("h2o", keep_ratio=0.5)  # its accumulated attention has no fork key
+    engine.generate(prompt, max_new_tokens=8, policy=h2o)
+    assert len(store) == 1 and store.hits == 1
+
+
+def test_prefix_keys_separate_prompts_and_schedules(tiny_llama) -> None:
+    model, tok = tiny_llama
+    store = PrefixStore(max_entries=2)
+    engine = Engine(model, tok, config=CONFIG, prefix_store=store)
+    engine.generate(ids(150, seed=1), max_new_tokens=2, policy=member(0))
+    engine.generate(ids(150, seed=2), max_new_tokens=2, policy=member(0))
+    assert len(store) == 2 and store.hits == 0
+    # a different delay changes where the prefix ends: its own entry, and the oldest one is dropped
+    other = Engine(model, tok, config=EngineConfig(chunk_size=16, delay=32), prefix_store=store)
+    other.generate(ids(150, seed=2), max_new_tokens=2, policy=member(0))
+    assert len(store) == 2 and store.hits == 0
+    engine.generate(ids(150, seed=2), max_new_tokens=2, policy=member(1))
+    assert store.hits == 1
+    with pytest.raises(ValueError, match="max_entries"):
+        PrefixStore(max_entries=0)
