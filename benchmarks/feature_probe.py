@@ -12,16 +12,24 @@ of each recorded layer and KV head:
   variance / entropy / peak of the attention received).
 
 A token is positive when it belongs to an occurrence of the answer in the context (the passkey,
-the needle's number, the kv_retrieval value). A logistic regression (standardised inputs) is fit
-per layer with prompts held out (GroupKFold over prompts), and the out-of-fold scores are ranked
-*within each cache* (one prompt, step, layer and KV head: what a top-k eviction compares). The
-table gives that within-cache ROC AUC, averaged over caches, per layer and for one probe shared by
-all layers (as the NAMM is); the JSON also has the pooled AUC over all tokens. Attention mass is not
-fit: its AUC is H2O's own rule (more mass, kept). Negatives are subsampled per cache (AUC is
-unchanged in expectation); caches without an answer token are skipped.
+the needle's number, the kv_retrieval value). Probes are fit per layer with prompts held out
+(GroupKFold over prompts), and the out-of-fold scores are ranked *within each cache* (one prompt,
+step, layer and KV head: what a top-k eviction compares). The table gives that within-cache ROC
+AUC, averaged over caches, per layer and for one probe shared by all layers (row ``all``, as the
+NAMM is shared); the JSON also has the pooled AUC over all tokens.
 
-    python benchmarks/feature_probe.py                      # 4 tasks x 8 prompts at 1K tokens
-    python benchmarks/feature_probe.py --tasks passkey --prompts 4 --layers 0,10,20 --json probe.json
+Columns: logistic regressions on standardised inputs, except ``mass(H2O)``, H2O's own rule unfitted
+(more mass ranks higher; ``mass(fit)`` learns the sign), and, in row ``all``, gradient-boosted trees
+(``GBT``), a bound on what a nonlinear scorer could read. ``spec+age`` is exactly the NAMM's 25
+inputs, ``logspec`` takes log(EMA), the extra columns are one input each, ``spec+extras`` is logspec
+with all five extras and ``all`` adds age. Needle depths are random, so ``age`` alone should score
+about 0.5; how far it is above that is what a probe can learn from where the few sampled needles
+happen to sit (more ``--prompts`` shrink it), so compare the columns without age. Negatives are
+subsampled per cache (AUC is unchanged in expectation); caches without an answer token are skipped.
+
+    python benchmarks/feature_probe.py --json probe.json    # 4 tasks x 8 prompts at 1K tokens
+    python benchmarks/feature_probe.py --tasks passkey --prompts 4 --layers 0,10,20
+    python benchmarks/feature_probe.py --save-rows rows.npz  # then re-probe: --load-rows rows.npz
 """
 
 from __future__ import annotations
@@ -223,17 +231,21 @@ def feature_sets(t: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
     spec, rec, extras = t["spec"], t["recency"], t["extras"]
     log_spec = np.log(spec + 1e-8)
     sets: dict[str, np.ndarray | None] = {
-        "spec+age": np.hstack([rec, spec]),  # exactly the NAMM's 25 inputs
-        "spec": spec,
-        "logspec+age": np.hstack([rec, log_spec]),
         "age": rec,
+        "spec": spec,
+        "spec+age": np.hstack([rec, spec]),  # exactly the NAMM's 25 inputs
+        "logspec+age": np.hstack([rec, log_spec]),
         "mass(H2O)": None,
         "mass(fit)": np.log(t["mass"][:, None] + 1e-12),
     }
     for i, name in enumerate(EXTRA_FEATURES):
         sets[name] = extras[:, i : i + 1]
-    sets["spec+age+extras"] = np.hstack([rec, log_spec, extras])
+    sets["spec+extras"] = np.hstack([log_spec, extras])
+    sets["all"] = np.hstack([rec, log_spec, extras])
     return sets
+
+
+BOOSTED = ("spec", "spec+age", "spec+extras", "all")  # also probed with trees in the shared row
 
 
 def probe_table(table: dict[str, np.ndarray], folds: int, max_rows: int,
@@ -252,8 +264,7 @@ def probe_table(table: dict[str, np.ndarray], folds: int, max_rows: int,
         sets = feature_sets(t)
         probes = [(name, linear_probe, x) for name, x in sets.items()]
         if boosted:
-            probes += [("GBT spec+age", boosted_probe, sets["spec+age"]),
-                       ("GBT all", boosted_probe, sets["spec+age+extras"])]
+            probes += [(f"GBT {name}", boosted_probe, sets[name]) for name in BOOSTED]
         for name, make, x in probes:
             scores = np.log(t["mass"] + 1e-12) if x is None else out_of_fold(make, x, y, t["prompt"], folds, max_rows)
             ok = ~np.isnan(scores)
@@ -295,6 +306,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-fit-rows", type=int, default=20000, help="rows a probe is fit on, at most")
     ap.add_argument("--no-boosted", action="store_true", help="skip the gradient-boosted probes (shared row)")
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: on shared cores more threads than free cores stall each other)")
     ap.add_argument("--save-rows", default=None, help="save the sampled token rows (.npz) to re-probe later")
     ap.add_argument("--load-rows", default=None, help="probe rows saved by --save-rows (no model run)")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -359,13 +372,17 @@ def shared_rows(tables: dict[int, dict[str, np.ndarray]]) -> dict[str, np.ndarra
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     tables = load_rows(args.load_rows) if args.load_rows else record(args)
     if args.save_rows:
         save_rows(args.save_rows, tables)
     t1 = time.perf_counter()
-    results: dict = {layer: probe_table(t, args.folds, args.max_fit_rows) for layer, t in tables.items()}
-    results["all"] = probe_table(shared_rows(tables), args.folds, args.max_fit_rows, boosted=not args.no_boosted)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):  # small fits: threads only contend (and fight torch's pool)
+        results: dict = {layer: probe_table(t, args.folds, args.max_fit_rows) for layer, t in tables.items()}
+        results["all"] = probe_table(shared_rows(tables), args.folds, args.max_fit_rows, boosted=not args.no_boosted)
     t2 = time.perf_counter()
     source = f"rows from {args.load_rows}" if args.load_rows else (
         f"model {args.model}, tasks {args.tasks}, {args.prompts} prompts x {args.length} tokens, "

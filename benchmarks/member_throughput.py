@@ -8,7 +8,11 @@ of them (``--members`` x ``--prompts`` prompts of ``--length`` tokens) under
   ``git archive`` and imported into *this* process, fp32 (its default);
 * the working tree's ``namm`` in several variants (``--variants``): ``fp32`` (code changes only),
   ``fp32+share`` (plus the prompt prefix read once per generation), ``bf16+share`` (plus bfloat16
-  weights, the setting ``examples/smollm2-default.toml`` uses).
+  weights), ``bf16+share+c512`` (plus 512-token prefill chunks: the schedule
+  ``examples/smollm2-default.toml`` uses; eviction still every ``delay`` tokens).
+
+``--objective loglik`` (default, what the default run optimises) scores the teacher-forced
+likelihood of the answer; ``metric`` generates it greedily.
 
 Rounds alternate the variants (noise on these shared machines hits all of them alike) after one
 untimed warm-up each; the prefix store is emptied at the start of every round, so each round
@@ -89,17 +93,17 @@ def extract(ref: str, into: Path) -> Path:
 class Variant:
     """One way of running members: a namm package, a dtype, prefix sharing on or off."""
 
-    def __init__(self, name: str, modules: dict, args, dtype: str, share: bool) -> None:
+    def __init__(self, name: str, modules: dict, args, dtype: str, share: bool, chunk_size: int) -> None:
         self.name, self.modules, self.share = name, modules, share
         with active(modules):
             fitness = modules["namm.evolution.fitness"]
-            engine = modules["namm.sequence"].EngineConfig(chunk_size=args.chunk_size, delay=args.delay)
+            engine = modules["namm.sequence"].EngineConfig(chunk_size=chunk_size, delay=args.delay)
             fields = {f for f in fitness.WorkerSpec.__dataclass_fields__}
             spec = dict(model=args.model, dtype=dtype, device="cpu", engine=engine, namm={}, threads=args.threads)
             if "mode" in fields:  # the baseline: one fitness mode per worker, chat template always on
-                spec["mode"] = "metric"
+                spec["mode"] = args.objective
             else:  # today: the NAMM config records the conditions; the baseline's, for the same prompts
-                spec["namm"] = {"chunk_size": args.chunk_size, "delay": args.delay, "chat": True}
+                spec["namm"] = {"chunk_size": chunk_size, "delay": args.delay, "chat": True}
                 spec["share_prefix"] = share
             if share and "share_prefix" not in spec:
                 raise SystemExit(f"{name}: this namm has no prefix sharing")
@@ -110,7 +114,8 @@ class Variant:
         prompts_mod, tasks = self.modules["namm.evolution.prompts"], self.modules["namm.tasks"]
         samples = tasks.load_task(args.task, self.worker.engine.tokenizer, length=args.length, n=args.prompts,
                                   seed=args.seed, split="train")
-        return [prompts_mod.Prompt(id=f"{args.task}|{s.id}", task=args.task, sample=s) for s in samples]
+        extra = {"objective": args.objective} if "objective" in prompts_mod.Prompt.__dataclass_fields__ else {}
+        return [prompts_mod.Prompt(id=f"{args.task}|{s.id}", task=args.task, sample=s, **extra) for s in samples]
 
     def generation(self, members: list[np.ndarray]) -> float:
         """Seconds to evaluate every member on every prompt (one generation)."""
@@ -130,7 +135,7 @@ def bf16_keep_all_error(bf16: Variant, fp32: Variant, args) -> str:
     and how often its top-1 token agrees with the fp32 model's."""
     with active(bf16.modules):
         engine = bf16.worker.engine
-        ids = torch.randint(100, 5000, (args.length,), generator=torch.Generator().manual_seed(0))
+        ids = engine.encode(bf16.prompts[0].prompt, chat=False)  # real text: a passkey prompt
         with torch.inference_mode():
             plain = engine.model(ids[None]).logits[0].float()
             with engine.running():
@@ -140,7 +145,7 @@ def bf16_keep_all_error(bf16: Variant, fp32: Variant, args) -> str:
     agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
     return (f"bf16 keep-all: engine vs plain transformers bf16 max |dlogit| {err:.3g} "
             f"(logits up to {plain.abs().max().item():.3g}); top-1 agreement with fp32 {agree:.1%} "
-            f"over {args.length} positions")
+            f"over {ids.numel()} positions of a {args.task} prompt")
 
 
 def main() -> None:
@@ -157,18 +162,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--base-ref", default=BASE_REF)
-    ap.add_argument("--variants", default="fp32,fp32+share,bf16+share")
+    ap.add_argument("--objective", default="loglik", choices=("loglik", "metric"),
+                    help="loglik: teacher-forced answer likelihood (examples/smollm2-default.toml); "
+                         "metric: greedy generation of the answer")
+    ap.add_argument("--variants", default="fp32,fp32+share,bf16+share,bf16+share+c512",
+                    help="comma-separated: fp32 or bf16, +share (prefix sharing), +cN (prefill chunk N)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         base_mods = import_namm(extract(args.base_ref, Path(tmp)))
-        variants = [Variant(f"base ({args.base_ref}, fp32)", base_mods, args, "float32", False)]
+        variants = [Variant(f"base ({args.base_ref}, fp32)", base_mods, args, "float32", False, args.chunk_size)]
         current = import_namm(REPO)
         for name in args.variants.split(","):
-            dtype = "bfloat16" if name.startswith("bf16") else "float32"
-            variants.append(Variant(name, current, args, dtype, name.endswith("+share")))
+            parts = name.split("+")
+            chunk = next((int(p[1:]) for p in parts if p.startswith("c")), args.chunk_size)
+            dtype = "bfloat16" if parts[0] == "bf16" else "float32"
+            variants.append(Variant(name, current, args, dtype, "share" in parts, chunk))
         texts = {tuple(p.prompt for p in v.prompts) for v in variants}  # same seed, same prompts
         if len(texts) != 1:
             print("warning: the baseline builds different prompts; timings compare different texts")
@@ -184,7 +195,7 @@ def main() -> None:
 
     evals = args.members * args.prompts
     base_rate = None
-    print(f"\n{args.model}, {args.task} prompts of {args.length} tokens, {args.members} members x "
+    print(f"\n{args.model}, {args.task} prompts of {args.length} tokens ({args.objective}), {args.members} members x "
           f"{args.prompts} prompts per generation, delay {args.delay}, chunk {args.chunk_size}, "
           f"{args.threads} threads, median of {args.rounds} rounds")
     print(f"{'variant':34s} {'s/generation':>12s} {'evals/min':>10s} {'x base':>7s}")

@@ -8,6 +8,7 @@ tensors really shrink: each layer holds ``(1, kv_heads, n_keep, head_dim)``.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -56,6 +57,13 @@ def cache_spec(model) -> CacheSpec:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return CacheSpec(num_layers=n_layers, managed_layers=managed, kv_heads=kv_heads, head_dim=head_dim)
+
+
+def cache_argument(model) -> str:
+    """The forward argument that takes the cache: ``cache`` in newer transformers 5.x releases
+    (which deprecate ``past_key_values``), ``past_key_values`` before."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
 
 
 @contextmanager
@@ -154,10 +162,10 @@ class MemorySequence:
             out = self.model(
                 input_ids=ids[None],
                 position_ids=pos[None],
-                past_key_values=self.cache,
                 use_cache=True,
                 logits_to_keep=0 if all_logits else 1,
                 namm_hook=self.hook,
+                **{cache_argument(self.model): self.cache},
             )
         self.seen += n
         self.meter.after_forward(self.lengths(), n, self.seen)

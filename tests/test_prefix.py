@@ -51,6 +51,25 @@ def test_forked_members_equal_unshared_runs(tiny_llama, n_prompt: int, end_evict
         assert evicted  # the members really evict after the shared prefix
 
 
+def test_members_with_extra_inputs_fork_their_state(tiny_llama) -> None:
+    """A NAMM with extra inputs forks its attention moments and key norms with the spectrogram."""
+    from namm.memory.features import FeatureConfig
+    from namm.memory.model import NAMMConfig
+
+    model, tok = tiny_llama
+    config = NAMMConfig(features=FeatureConfig(extras=("attn_peak", "attn_entropy", "attn_var", "key_norm")))
+    store = PrefixStore()
+    plain, shared = Engine(model, tok, config=CONFIG), Engine(model, tok, config=CONFIG, prefix_store=store)
+    prompt = ids(150)
+    kept = []
+    for seed in range(2):
+        params = torch.randn(NAMM(config).num_params, generator=torch.Generator().manual_seed(seed)) * 0.3
+        expected = run(plain, NAMMPolicy(NAMM(config, params)), prompt)
+        assert run(shared, NAMMPolicy(NAMM(config, params)), prompt) == expected
+        kept.append(expected[1]["kept_fraction"])
+    assert store.hits == 3 and min(kept) < 1.0
+
+
 def test_full_cache_shares_and_other_policies_do_not(tiny_llama) -> None:
     model, tok = tiny_llama
     store = PrefixStore()

@@ -53,6 +53,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="wrap the prompt in the tokenizer's chat template (--no-chat: raw)")
 
 
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """Model, memory policy and schedule flags: what every command that runs one prompt needs."""
+    add_model_args(parser)
+    add_policy_args(parser)
+    add_engine_args(parser)
+
+
 def add_policy_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("memory policy")
     group.add_argument("--policy", default="full", help=f"one of: {', '.join(sorted(POLICIES))}")

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from namm.commands.common import add_engine_args, add_model_args, add_policy_args, add_prompt_args, engine_from_args
+from namm.commands.common import add_prompt_args, add_run_args, engine_from_args
 from namm.engine import format_conditions
 from namm.progress import generation_progress
 
@@ -22,9 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    add_model_args(p)
-    add_policy_args(p)
-    add_engine_args(p)
+    add_run_args(p)
     p.set_defaults(func=run)
 
 

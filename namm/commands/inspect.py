@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from namm.commands.common import add_engine_args, add_model_args, add_policy_args, add_prompt_args, engine_from_args
+from namm.commands.common import add_prompt_args, add_run_args, engine_from_args
 
 
 def add_parser(sub) -> None:
@@ -23,9 +23,7 @@ def add_parser(sub) -> None:
     add_prompt_args(p)
     p.add_argument("--out", default="namm-inspect.html", help="the HTML file to write (default namm-inspect.html)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (greedy) after the prompt")
-    add_model_args(p)
-    add_policy_args(p)
-    add_engine_args(p)
+    add_run_args(p)
     p.set_defaults(func=run)
 
 

@@ -16,6 +16,7 @@ Top-level keys are :class:`RunConfig` fields; each table is one nested dataclass
     [namm]                       # namm.memory.NAMMConfig: scorer, features, keep mode
     keep = "budget"              # or "threshold" (emergent size, optional max_cache)
     keep_ratio = 0.25
+    features = { extras = ["attn_peak", "attn_entropy", "attn_var"] }  # optional extra inputs
 
     [optimizer]                  # namm.evolution.optimizer.CMAConfig (seed defaults to the run seed)
     popsize = 8

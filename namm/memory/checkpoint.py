@@ -40,6 +40,9 @@ def read_pretrained(directory: Path) -> tuple[Any, torch.Tensor, RunningStats | 
                          "Upgrade namm or re-save the checkpoint.")
     meta.pop("num_params", None)
     meta.pop("calibrated", None)
+    # a NAMM saved before partial frames existed was evolved without them: run it the same way
+    if isinstance(meta.get("features"), dict):
+        meta["features"].setdefault("partial_frame", False)
     try:
         config = NAMMConfig.from_dict(meta)
     except (TypeError, ValueError) as exc:
@@ -51,7 +54,7 @@ def read_pretrained(directory: Path) -> tuple[Any, torch.Tensor, RunningStats | 
     params = tensors["params"]
     expected = build_scorer(config.scorer, config.features.feature_dim).num_params
     _check_vector(params, expected, f"{weights_path} 'params'", config.scorer.kind)
-    return config, params, _read_norm(tensors, config.features.n_bins, weights_path)
+    return config, params, _read_norm(tensors, config.features.norm_dim, weights_path)
 
 
 def _read_norm(tensors: dict[str, torch.Tensor], n_bins: int, where: Path) -> RunningStats | None:

@@ -1,4 +1,4 @@
-"""Optional per-token NAMM inputs beyond the attention spectrogram (not wired into the NAMM yet).
+"""Optional per-token NAMM inputs beyond the attention spectrogram (``FeatureConfig.extras``).
 
 The paper's NAMM sees, per cached token, an EMA'd STFT of the attention it received plus its age
 (:mod:`namm.memory.features`). These extra inputs stay model-agnostic (no hidden sizes, no
@@ -18,6 +18,9 @@ attention (kv_heads, new_queries, cache_len) is folded into a few numbers per to
 Query i of a stream of T gets the weight ``w_i = (1 - g) g**(T - 1 - i)`` (g = ``ema_coeff``,
 0.99 per query as the spectrogram), and a token gets zero attention from the queries before it
 existed, as in the spectrogram.
+
+A NAMM can use every input but ``value_norm`` (:data:`NAMM_EXTRAS`): memory policies see the
+cached keys and the attention, not the values.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 EXTRA_FEATURES = ("value_norm", "key_norm", "attn_var", "attn_entropy", "attn_peak")
+NAMM_EXTRAS = ("key_norm", "attn_var", "attn_entropy", "attn_peak")  # what NAMMPolicy can stream
 LOG_EPS = 1e-10  # floor inside the logs of variance and peak
 
 
@@ -37,7 +41,16 @@ def relative_log_norm(x: torch.Tensor) -> torch.Tensor:
     Scale-free (a layer whose keys are 10x larger gets the same values), so one NAMM can read it
     on every layer and model.
     """
-    norms = x.float().norm(dim=-1).clamp_min(1e-12)  # (kv_heads, cache_len)
+    return relative_log(vector_norms(x))
+
+
+def vector_norms(x: torch.Tensor) -> torch.Tensor:
+    """|x_k| per head and token, (kv_heads, cache_len, head_dim) -> (kv_heads, cache_len), floored."""
+    return x.float().norm(dim=-1).clamp_min(1e-12)
+
+
+def relative_log(norms: torch.Tensor) -> torch.Tensor:
+    """log(n_k / mean_j n_j) per head of norms (kv_heads, cache_len)."""
     return (norms / norms.mean(dim=-1, keepdim=True)).log()
 
 
@@ -132,22 +145,41 @@ def extra_features(
     keys / values: (kv_heads, cache_len, head_dim), the layer's cache in the order ``moments``
     tracks (``attn_*`` need ``moments`` to have observed this layer). Order follows ``names``.
     """
+    return extra_columns(names, moments, layer, vector_norms(keys), vector_norms(values))
+
+
+def extra_columns(
+    names: tuple[str, ...] | list[str],
+    moments: AttentionMoments | None,
+    layer: int,
+    key_norms: torch.Tensor | None = None,
+    value_norms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`extra_features` from streamed state: ``key_norms`` / ``value_norms`` are the
+    (kv_heads, cache_len) :func:`vector_norms` of the cache (needed only by ``*_norm``)."""
     unknown = [n for n in names if n not in EXTRA_FEATURES]
     if unknown:
         raise ValueError(f"Unknown extra features {unknown}; known: {', '.join(EXTRA_FEATURES)}.")
     columns = []
     for name in names:
         if name == "value_norm":
-            columns.append(relative_log_norm(values))
+            columns.append(relative_log(_required(value_norms, name)))
         elif name == "key_norm":
-            columns.append(relative_log_norm(keys))
+            columns.append(relative_log(_required(key_norms, name)))
         elif name == "attn_var":
-            columns.append((moments.variance(layer) + LOG_EPS).log())
+            columns.append((_required(moments, name).variance(layer) + LOG_EPS).log())
         elif name == "attn_entropy":
-            columns.append(moments.entropy(layer))
+            columns.append(_required(moments, name).entropy(layer))
         else:
-            columns.append((moments.peak(layer) + LOG_EPS).log())
+            columns.append((_required(moments, name).peak(layer) + LOG_EPS).log())
     return torch.stack([c.float() for c in columns], dim=-1)
 
 
-__all__ = ["EXTRA_FEATURES", "AttentionMoments", "extra_features", "relative_log_norm"]
+def _required(state, name: str):
+    if state is None:
+        raise ValueError(f"extra feature {name!r} needs state that was not collected.")
+    return state
+
+
+__all__ = ["EXTRA_FEATURES", "NAMM_EXTRAS", "AttentionMoments", "extra_columns", "extra_features", "relative_log",
+           "relative_log_norm", "vector_norms"]

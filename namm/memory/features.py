@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from namm.memory.extra_features import EXTRA_FEATURES, NAMM_EXTRAS
+
 
 @dataclass(frozen=True)
 class FeatureConfig:
@@ -43,6 +45,9 @@ class FeatureConfig:
     partial_frame:      score with the queries received since the last complete frame folded in
                         as a zero-padded frame (the reference drops them until the frame completes;
                         on its 512/128 grid there are none, except at a prompt-end eviction).
+    extras:             optional per-token inputs of :mod:`namm.memory.extra_features` appended
+                        after the spectrogram and normalised with it, e.g. ("attn_peak",
+                        "attn_entropy", "attn_var"); () is the paper's NAMM.
     """
 
     n_fft: int = 32
@@ -52,6 +57,7 @@ class FeatureConfig:
     recency_max_freq: float = 50000.0
     norm_eps: float = 1e-7
     partial_frame: bool = True
+    extras: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not (isinstance(self.n_fft, int) and self.n_fft >= 2):
@@ -66,6 +72,24 @@ class FeatureConfig:
             raise ValueError("recency_max_freq and norm_eps must be positive.")
         if not isinstance(self.partial_frame, bool):
             raise ValueError(f"partial_frame must be true or false, got {self.partial_frame!r}.")
+        self._check_extras()
+
+    def _check_extras(self) -> None:
+        if isinstance(self.extras, str) or not isinstance(self.extras, (list, tuple)):
+            raise ValueError(f"extras must be a list of names ({', '.join(NAMM_EXTRAS)}), got {self.extras!r}.")
+        extras = tuple(self.extras)  # a JSON / TOML list becomes a tuple (hashable, frozen)
+        object.__setattr__(self, "extras", extras)
+        unknown = [n for n in extras if n not in EXTRA_FEATURES]
+        if unknown:
+            raise ValueError(f"Unknown extras {unknown}; known: {', '.join(NAMM_EXTRAS)}.")
+        unsupported = [n for n in extras if n not in NAMM_EXTRAS]
+        if unsupported:
+            raise ValueError(f"extras {unsupported} need the cached values, which the engine does not hand to "
+                             f"memory policies; use {', '.join(NAMM_EXTRAS)}.")
+        if len(set(extras)) != len(extras):
+            raise ValueError(f"extras lists a name twice: {list(extras)}.")
+        if any(n.startswith("attn_") for n in extras) and not 0.0 < float(self.ema_coeff) < 1.0:
+            raise ValueError(f"attention extras need ema_coeff in (0, 1), got {self.ema_coeff!r}.")
 
     @property
     def n_bins(self) -> int:
@@ -81,8 +105,13 @@ class FeatureConfig:
         return float(self.ema_coeff) ** self.hop
 
     @property
+    def norm_dim(self) -> int:
+        """Inputs normalised with the frozen statistics: the spectrogram bins, then the extras."""
+        return self.n_bins + len(self.extras)
+
+    @property
     def feature_dim(self) -> int:
-        return self.recency_dim + self.n_bins
+        return self.recency_dim + self.norm_dim
 
 
 class StreamingSpectrogram:
@@ -194,6 +223,8 @@ class StreamingSpectrogram:
 class RunningStats:
     """Per-bin mean and variance, merged with the parallel (Chan et al.) formula.
 
+    ``n_bins`` columns: the spectrogram bins and then any extra inputs (``FeatureConfig.norm_dim``).
+
     The reference collects them over every layer, head, token and eviction step of keep-all runs
     and then freezes them (namm-algorithm.md section 2.4 and 5). Kept in float64.
     """
@@ -260,21 +291,35 @@ def token_features(
     positions: torch.Tensor,
     config: FeatureConfig,
     stats: RunningStats | None,
+    extras: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The NAMM input z = [recency (recency_dim), normalised EMA (n_bins)], (kv_heads, cache_len, dim).
+    """The NAMM input z = [recency (recency_dim), normalised EMA (n_bins), normalised extras],
+    (kv_heads, cache_len, feature_dim).
 
-    ema: (kv_heads, cache_len, n_bins); positions: (kv_heads, cache_len) absolute, newest last.
-    Without statistics (an uncalibrated NAMM) the EMA is used as is.
+    ema: (kv_heads, cache_len, n_bins); positions: (kv_heads, cache_len) absolute, newest last;
+    extras: (kv_heads, cache_len, len(config.extras)), required when the config has extras.
+    Without statistics (an uncalibrated NAMM) the EMA and extras are used as is.
     """
-    spectrum = ema if stats is None else stats.normalize(ema, config.norm_eps)
+    inputs = normalised_inputs(ema, config, extras)
+    inputs = inputs if stats is None else stats.normalize(inputs, config.norm_eps)
     recency = recency_embedding(positions.to(ema.device), config.recency_dim, config.recency_max_freq, ema.dtype)
-    return torch.cat([recency, spectrum], dim=-1)
+    return torch.cat([recency, inputs], dim=-1)
+
+
+def normalised_inputs(ema: torch.Tensor, config: FeatureConfig, extras: torch.Tensor | None) -> torch.Tensor:
+    """The columns the frozen statistics cover: EMA then extras, (kv_heads, cache_len, norm_dim)."""
+    n_extra = 0 if extras is None else extras.shape[-1]
+    if n_extra != len(config.extras):
+        raise ValueError(f"the features have {len(config.extras)} extras {list(config.extras)}, "
+                         f"got {n_extra} extra columns.")
+    return ema if extras is None or n_extra == 0 else torch.cat([ema, extras.to(ema.dtype)], dim=-1)
 
 
 __all__ = [
     "FeatureConfig",
     "RunningStats",
     "StreamingSpectrogram",
+    "normalised_inputs",
     "recency_embedding",
     "token_features",
 ]

@@ -4,7 +4,8 @@ A Neural Attention Memory Model (Cetin et al., "An Evolved Universal Transformer
 2410.13166) is a small network shared by every layer and KV head of a transformer. It scores
 each cached token from the attention the token received (see ``features``) and the tokens that
 score below zero are evicted (see ``selection``). What is stored is tiny: a config, one flat
-parameter vector (4172 floats for the released BAM) and 17 per-bin normalisation statistics.
+parameter vector (4172 floats for the released BAM) and 17 per-bin normalisation statistics (one
+more per optional extra input, ``FeatureConfig.extras``).
 
 On disk a NAMM is a folder with ``config.json`` and ``namm.safetensors`` (tensors ``params`` and,
 once calibrated, ``norm.count``, ``norm.mean``, ``norm.m2``). Pretrained NAMMs shipped with the
@@ -147,8 +148,10 @@ class NAMM:
         self.scorer: FlatScorer = build_scorer(self.config.scorer, self.config.features.feature_dim)
         if params is not None:
             self.set_flat(params)
-        if norm is not None and norm.n_bins != self.config.features.n_bins:
-            raise ValueError(f"norm has {norm.n_bins} bins, the features have {self.config.features.n_bins}.")
+        expected = self.config.features.norm_dim
+        if norm is not None and norm.n_bins != expected:
+            raise ValueError(f"norm has {norm.n_bins} columns, the features normalise {expected} "
+                             f"({self.config.features.n_bins} bins + extras {list(self.config.features.extras)}).")
         self.norm = norm
 
     def __repr__(self) -> str:
@@ -186,18 +189,21 @@ class NAMM:
         return NAMM(config, self.get_flat(), self.norm)
 
     # ---- inference --------------------------------------------------------------------------
-    def features(self, ema: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Token features (kv_heads, cache_len, feature_dim) from the EMA spectrogram and positions."""
-        return token_features(ema, positions, self.config.features, self.norm)
+    def features(self, ema: torch.Tensor, positions: torch.Tensor, extras: torch.Tensor | None = None) -> torch.Tensor:
+        """Token features (kv_heads, cache_len, feature_dim) from the EMA spectrogram, positions and
+        the configured extra inputs (kv_heads, cache_len, len(extras)), if any."""
+        return token_features(ema, positions, self.config.features, self.norm, extras)
 
-    def score(self, ema: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def score(self, ema: torch.Tensor, positions: torch.Tensor, extras: torch.Tensor | None = None) -> torch.Tensor:
         """Scores (kv_heads, cache_len) of one layer's cached tokens; >= threshold means keep."""
-        z = self.features(ema, positions)
+        z = self.features(ema, positions, extras)
         return self._scorer_on(z.device)(z)
 
-    def score_layers(self, emas: list[torch.Tensor], positions: list[torch.Tensor]) -> list[torch.Tensor]:
+    def score_layers(self, emas: list[torch.Tensor], positions: list[torch.Tensor],
+                     extras: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
         """:meth:`score` of several layers (cache lengths may differ) in batched scorer calls."""
-        zs = [self.features(ema, pos) for ema, pos in zip(emas, positions)]
+        extras = extras if extras is not None else [None] * len(emas)
+        zs = [self.features(ema, pos, ext) for ema, pos, ext in zip(emas, positions, extras)]
         return score_ragged(self._scorer_on(zs[0].device), zs) if zs else []
 
     def _scorer_on(self, device: torch.device) -> FlatScorer:

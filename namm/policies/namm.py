@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from namm.memory.features import RunningStats, StreamingSpectrogram
+from namm.memory.extra_features import AttentionMoments, extra_columns, vector_norms
+from namm.memory.features import RunningStats, StreamingSpectrogram, normalised_inputs
 from namm.memory.model import KEEP_MODES, NAMM
 from namm.memory.selection import budget_select, threshold_count
 from namm.policies.base import BudgetMixin, CacheSpec, MemoryPolicy, tokens_seen, topk_indices
@@ -32,6 +33,8 @@ class NAMMPolicy(MemoryPolicy):
     arXiv 2410.13166): each layer's attention is streamed into per-token spectrogram EMAs; at an
     eviction step a small network (BAM) scores every token from its features and each KV head
     keeps the tokens scoring >= 0 (the newest always; every head of a layer keeps the same count).
+    A NAMM whose features list ``extras`` also streams them (attention moments, key norms; see
+    :mod:`namm.memory.extra_features`) and appends them to each token's features.
 
     namm:      a :class:`~namm.memory.model.NAMM`, a NAMM folder, a shipped pretrained name, or a
                bare reference-layout parameter file (.pt/.safetensors/.npy).
@@ -53,7 +56,7 @@ class NAMMPolicy(MemoryPolicy):
     keep: str | None = None
     needs_attention = True
     name = "namm"
-    fork_fields = ("spectrogram", "positions")
+    fork_fields = ("spectrogram", "positions", "moments", "key_norms")
 
     def fork_key(self) -> tuple:
         """Features depend on the feature config only, not on the parameters: members share prefixes."""
@@ -76,7 +79,7 @@ class NAMMPolicy(MemoryPolicy):
         if self.budget is not None or self.keep_ratio is not None:
             BudgetMixin.check_budget(self)  # type: ignore[arg-type]
         self.keep = self._resolve_keep()
-        self.stats = RunningStats(self.namm.config.features.n_bins)
+        self.stats = RunningStats(self.namm.config.features.norm_dim)
 
     def _resolve_keep(self) -> str:
         """The keep mode (see the ``keep`` field); a budget without a size takes the NAMM's keep_ratio."""
@@ -115,15 +118,31 @@ class NAMMPolicy(MemoryPolicy):
 
     def reset(self, spec: CacheSpec) -> None:
         super().reset(spec)
-        self.spectrogram = StreamingSpectrogram(self.namm.config.features)
+        features = self.namm.config.features
+        self.spectrogram = StreamingSpectrogram(features)
         self.positions: dict[int, torch.Tensor] = {}  # layer -> (kv_heads, cache_len)
+        attn_extras = any(name.startswith("attn_") for name in features.extras)
+        self.moments = AttentionMoments(features.ema_coeff) if attn_extras else None
+        self.key_norms: dict[int, torch.Tensor] | None = {} if "key_norm" in features.extras else None
         self._plans: dict[int, tuple] = {}  # this eviction step: layer -> (scores, candidates, n_keep)
 
     def observe(self, layer: int, attn: torch.Tensor | None, keys: torch.Tensor, positions: torch.Tensor) -> None:
         if attn is None:
             raise RuntimeError("NAMMPolicy needs attention weights; run it under an engine with needs_attention.")
         self.spectrogram.observe(layer, attn)
+        if self.moments is not None:
+            self.moments.observe(layer, attn)
+        if self.key_norms is not None:
+            self.key_norms[layer] = vector_norms(keys)  # (kv_heads, cache_len)
         self.positions[layer] = positions
+
+    def extras(self, layer: int) -> torch.Tensor | None:
+        """The configured extra inputs of ``layer``'s tokens, (kv_heads, cache_len, n_extras), or None."""
+        names = self.namm.config.features.extras
+        if not names:
+            return None
+        key_norms = None if self.key_norms is None else self.key_norms[layer]
+        return extra_columns(names, self.moments, layer, key_norms)
 
     def begin_eviction(self) -> None:
         """Score every observed layer in batched scorer calls; ``select`` uses the result."""
@@ -132,7 +151,8 @@ class NAMMPolicy(MemoryPolicy):
 
     def select(self, layer: int) -> torch.Tensor | None:
         if self.calibrate:
-            self.stats.update(self.spectrogram.scoring_ema(layer))  # what the scorer would see
+            ema = self.spectrogram.scoring_ema(layer)  # what the scorer would see
+            self.stats.update(normalised_inputs(ema, self.namm.config.features, self.extras(layer)))
             return None
         positions = self.positions[layer]
         plan = self._plans.pop(layer, None)
@@ -143,9 +163,17 @@ class NAMMPolicy(MemoryPolicy):
         if n_keep >= scores.shape[-1]:
             return None  # everything kept: nothing to gather
         keep = budget_select(scores, n_keep) if candidates is None else topk_indices(candidates, n_keep)
-        self.spectrogram.prune(layer, keep)
-        self.positions[layer] = positions.gather(1, keep.to(positions.device))
+        self.prune(layer, keep)
         return keep
+
+    def prune(self, layer: int, keep: torch.Tensor) -> None:
+        """Keep the per-token state of the tokens ``keep`` (kv_heads, n_keep) of ``layer``."""
+        self.spectrogram.prune(layer, keep)
+        if self.moments is not None:
+            self.moments.prune(layer, keep)
+        if self.key_norms is not None:
+            self.key_norms[layer] = self.key_norms[layer].gather(1, keep.to(self.key_norms[layer].device))
+        self.positions[layer] = self.positions[layer].gather(1, keep.to(self.positions[layer].device))
 
     def _plan(self, layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor | None, int]]:
         """Per layer: the scores (kv_heads, cache_len), the threshold candidates to rank (None in
@@ -154,7 +182,8 @@ class NAMMPolicy(MemoryPolicy):
         One host sync for all layers: the token count (budget) or the keep counts (threshold).
         """
         emas = [self.spectrogram.scoring_ema(layer) for layer in layers]  # (kv_heads, cache_len, n_bins)
-        scores = self.namm.score_layers(emas, [self.positions[layer] for layer in layers])
+        extras = [self.extras(layer) for layer in layers]  # None each without extras
+        scores = self.namm.score_layers(emas, [self.positions[layer] for layer in layers], extras)
         if self.keep == "budget":
             seen = tokens_seen(self.positions[layers[0]])  # every layer keeps the newest token
             counts = [BudgetMixin.n_keep(self, seen, s.shape[-1]) for s in scores]  # type: ignore[arg-type]

@@ -85,3 +85,17 @@ def test_clear_errors(tiny_dict, tmp_path, change, message):
 def test_missing_file_names_an_example(tmp_path):
     with pytest.raises(FileNotFoundError, match="examples/smollm2-default.toml"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_namm_extras_from_toml(tiny_dict, write_toml, tmp_path):
+    """[namm] features = { extras = [...] } reaches the NAMM the run evolves (28 inputs)."""
+    from namm.memory.model import NAMM, NAMMConfig
+
+    extras = ["attn_peak", "attn_entropy", "attn_var"]
+    path = write_toml(tmp_path / "run.toml", tiny_dict(tmp_path / "run", namm={"features": {"extras": extras}}))
+    assert "features = {extras = [" in path.read_text()
+    config = load_config(path)
+    namm = NAMM(NAMMConfig.from_dict(config.namm_config()))  # as the fitness workers build it
+    assert namm.config.features.extras == tuple(extras) and namm.num_params == 163 * 28 + 97
+    with pytest.raises(ValueError, match=r"\[namm\].*value_norm"):
+        RunConfig.from_dict(tiny_dict(tmp_path / "run", namm={"features": {"extras": ["value_norm"]}}))

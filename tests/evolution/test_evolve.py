@@ -156,3 +156,15 @@ def test_budget_run_with_continuation_records_its_conditions(tmp_path, tiny_conf
     assert any("continuation-train-L320-s0-" in k for k in continuation)
     assert any("continuation-test-L320-s1000000-" in k for k in continuation)  # the eval pool
     assert all(v["tokens"] == 16 and v["loglik"] < 0 for v in continuation.values())
+
+
+def test_evolve_with_extra_inputs(tmp_path, tiny_dict, write_toml):
+    """[namm] features.extras: calibration covers them and the saved NAMM has 28 inputs."""
+    extras = ["attn_peak", "attn_entropy", "attn_var"]
+    data = tiny_dict(tmp_path / "unused", namm={"features": {"extras": extras}}, optimizer={"popsize": 2},
+                     stages=[{"tasks": ["passkey"], "generations": 1}])
+    run = tmp_path / "run"
+    assert main(["evolve", str(write_toml(tmp_path / "run.toml", data)), "--out", str(run)]) == 0
+    mean = NAMM.from_pretrained(run / "mean")
+    assert mean.config.features.extras == tuple(extras) and mean.num_params == 163 * 28 + 97
+    assert mean.norm.n_bins == 17 + 3 and len(read_log(run)) == 1
