@@ -173,13 +173,10 @@ class MemoryAttachment:
     def _wrap_forward(self, original):
         signature = inspect.signature(original)
         var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
-        rename_cache = "cache" in signature.parameters and "past_key_values" not in signature.parameters
 
         @functools.wraps(original)
         def forward(*args, **kwargs):
-            if "namm_hook" in kwargs:  # the engine's own chunk call: run the model itself
-                if rename_cache and "past_key_values" in kwargs:  # the name this transformers version wants
-                    kwargs["cache"] = kwargs.pop("past_key_values")
+            if "namm_hook" in kwargs:  # the engine's own chunk call (cache argument named as `original` wants)
                 return original(*args, **kwargs)
             arguments = dict(signature.bind(*args, **kwargs).arguments)
             extra = dict(arguments.pop(var_kw, {})) if var_kw else {}

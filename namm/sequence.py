@@ -87,6 +87,7 @@ class MemorySequence:
         self.spec = cache_spec(model)
         self.device = next(model.parameters()).device
         self.cache = DynamicCache(config=model.config)
+        self._cache_arg = cache_argument(model)  # once per sequence, not per forward call
         self.seen = 0
         self.positions: dict[int, torch.Tensor] = {
             layer: torch.empty(self.spec.kv_heads, 0, dtype=torch.long, device=self.device)
@@ -165,7 +166,7 @@ class MemorySequence:
                 use_cache=True,
                 logits_to_keep=0 if all_logits else 1,
                 namm_hook=self.hook,
-                **{cache_argument(self.model): self.cache},
+                **{self._cache_arg: self.cache},
             )
         self.seen += n
         self.meter.after_forward(self.lengths(), n, self.seen)
