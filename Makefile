@@ -20,11 +20,14 @@ $(VENV)/.installed: pyproject.toml
 
 DEMO_Q := What is the access code for the archive room, and who set it?
 
-# the full cache, then SnapKV compressing the prompt to half once it is read
+# the full cache, SnapKV compressing the prompt to half once it is read, then the shipped NAMM
+# (namm/pretrained/, under the conditions it was evolved with)
 demo: setup
 	$(VENV)/bin/namm --quiet generate --file examples/demo_document.txt "$(DEMO_Q)" --max-new-tokens 40
 	$(VENV)/bin/namm --quiet generate --file examples/demo_document.txt "$(DEMO_Q)" --max-new-tokens 40 \
 		--policy snapkv --keep-ratio 0.5 --no-evict-during-prefill
+	$(VENV)/bin/namm --quiet generate --file examples/demo_document.txt "$(DEMO_Q)" --max-new-tokens 40 \
+		--policy namm
 
 test: setup
 	$(PY) -m pytest -q

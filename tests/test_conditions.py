@@ -95,8 +95,8 @@ def test_eval_takes_the_namms_conditions_for_every_method(tiny_llama, budget_nam
             resolved.chat) == (32, 64, False, True, False)
     # a budget-evolved NAMM runs at its own keep ratio first, then at the others asked for
     got = [(v.method, v.setting, v.kwargs.get("keep_ratio")) for v in variants(resolved, namm)]
-    assert got == [("full", "full", None), ("h2o", "keep=0.5", 0.5), ("namm", "keep=0.3", 0.3),
-                   ("namm", "keep=0.5", 0.5)]
+    assert got == [("full", "full", None), ("h2o", "keep=0.5", 0.5), ("namm", "threshold", None),
+                   ("namm", "keep=0.3", 0.3), ("namm", "keep=0.5", 0.5)]
     explicit, _ = resolve_conditions(EvalConfig(tasks=["passkey"], methods=["namm"], namm=budget_namm, delay=512,
                                                 chat=True), tok)
     assert (explicit.delay, explicit.chunk_size, explicit.chat) == (512, 32, True)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from namm.cli import build_parser
 from namm.commands.eval import config_from_args
 from namm.engine import Engine
-from namm.evaluation import ROWS_FILE, EvalConfig, aggregate, load_rows, run_evaluation, summarize, variants
+from namm.evaluation import (ROWS_FILE, EvalConfig, aggregate, load_rows, markdown_table, run_evaluation, summarize,
+                             variants)
+from namm.evaluation.plot import plot_score_vs_cache
 
 
 def _config(out) -> EvalConfig:
@@ -55,8 +58,9 @@ def test_variants_cover_methods_and_budgets():
     config = EvalConfig(tasks=["passkey"], methods=["full", "h2o", "namm"], keep_ratios=[0.25], budgets=[256])
     got = [(v.method, v.setting, v.kwargs) for v in variants(config)]
     assert got == [("full", "full", {}), ("h2o", "keep=0.25", {"keep_ratio": 0.25}),
-                   ("h2o", "budget=256", {"budget": 256}), ("namm", "emergent", {}),
-                   ("namm", "cap=256", {"max_cache": 256})]
+                   ("h2o", "budget=256", {"budget": 256}), ("namm", "threshold", {"keep": "threshold"}),
+                   ("namm", "cap=256", {"keep": "threshold", "max_cache": 256}),
+                   ("namm", "keep=0.25", {"keep": "budget", "keep_ratio": 0.25})]
     with pytest.raises(ValueError, match="keep-ratios"):
         EvalConfig(tasks=["passkey"], methods=["h2o"])
     with pytest.raises(ValueError, match="Unknown task"):
@@ -74,6 +78,46 @@ def test_aggregate_and_summary_by_hand():
         ("a", 2, 50.0, pytest.approx(0.4), 0.9), ("b", 1, 50.0, 0.4, 0.4)]
     (s,) = summarize(groups)
     assert s["mean_score"] == 50.0 and s["mean_fraction"] == pytest.approx(0.4) and s["peak_fraction"] == 0.9
+
+
+def test_standard_errors_by_hand():
+    scores = {"a": [1.0, 0.0, 1.0, 1.0], "b": [0.2, 0.4, 0.9], "c": [0.5]}
+    rows = [{"method": "m", "setting": "keep=0.5", "task": task, "length": 100, "sample_id": str(i), "score": x,
+             "kept_fraction": 0.5, "mean_fraction": 0.6, "peak_fraction": 0.7}
+            for task, xs in scores.items() for i, x in enumerate(xs)]
+    groups = aggregate(rows)
+    se = {task: 100 * np.std(xs, ddof=1) / np.sqrt(len(xs)) for task, xs in scores.items() if len(xs) > 1}
+    assert [(g["task"], g["n"]) for g in groups] == [("a", 4), ("b", 3), ("c", 1)]
+    assert [g["se"] for g in groups[:2]] == [pytest.approx(se["a"]), pytest.approx(se["b"])]
+    assert groups[2]["se"] is None  # one sample: no spread to estimate
+    (s,) = summarize(groups[:2])
+    assert s["mean_score"] == pytest.approx(100 * (np.mean(scores["a"]) + np.mean(scores["b"])) / 2)
+    assert s["se"] == pytest.approx(np.sqrt(se["a"] ** 2 + se["b"] ** 2) / 2)  # mean of two independent cells
+    assert (s["n"], s["samples"]) == ([3, 4], 7)
+    assert summarize(groups)[0]["se"] is None
+    table = markdown_table(groups[:2], [s], notes=["keep=r: a note"])
+    assert f"| m | keep=0.5 | 75.0 ± {se['a']:.1f} | 50.0 ± {se['b']:.1f} | 62.5 ± {s['se']:.1f} | 3/4 | 50.0% | " \
+           "60.0% | 70.0% | - |" in table
+    assert "keep=r: a note" in table
+
+
+def test_plot_draws_every_setting_with_its_error_bar(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    drawn = []
+    errorbar = Axes.errorbar
+
+    def record(self, x, y, yerr=None, **kwargs):
+        drawn.append((kwargs["label"], list(x), list(y), list(yerr)))
+        return errorbar(self, x, y, yerr=yerr, **kwargs)
+
+    monkeypatch.setattr(Axes, "errorbar", record)
+    summary = [{"method": "h2o", "setting": "keep=0.5", "mean_fraction": 0.6, "mean_score": 40.0, "se": 5.0},
+               {"method": "h2o", "setting": "keep=0.25", "mean_fraction": 0.4, "mean_score": 20.0, "se": 4.0},
+               {"method": "full", "setting": "full", "mean_fraction": 1.0, "mean_score": 70.0, "se": None}]
+    plot_score_vs_cache(summary, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+    assert drawn == [("full", [100.0], [70.0], [0.0]), ("h2o", [40.0, 60.0], [20.0, 40.0], [4.0, 5.0])]
 
 
 def test_cli_flags_map_onto_the_config():

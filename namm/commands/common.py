@@ -65,7 +65,8 @@ def add_policy_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--policy", default="full", help=f"one of: {', '.join(sorted(POLICIES))}")
     group.add_argument("--budget", type=int, default=None, help="tokens kept per layer (budget policies)")
     group.add_argument("--keep-ratio", type=float, default=None, help="fraction of tokens seen kept per layer")
-    group.add_argument("--namm", default=None, help="NAMM checkpoint folder, pretrained name or reference vector file")
+    group.add_argument("--namm", default=None, help="NAMM checkpoint folder, pretrained name or reference vector file "
+                       "(default: the shipped NAMM evolved on --model, else the first shipped one)")
     group.add_argument("--max-cache", type=int, default=None, help="NAMM: cap on tokens kept per layer")
 
 
@@ -105,8 +106,7 @@ def policy_from_args(args: argparse.Namespace) -> MemoryPolicy:
     if args.keep_ratio is not None:
         kwargs["keep_ratio"] = args.keep_ratio
     if name == "namm":
-        if args.namm is not None:
-            kwargs["namm"] = args.namm
+        kwargs["namm"] = args.namm if args.namm is not None else shipped_namm(getattr(args, "model", None))
         if args.max_cache is not None:
             kwargs["max_cache"] = args.max_cache
     elif args.namm is not None or args.max_cache is not None:
@@ -117,6 +117,19 @@ def policy_from_args(args: argparse.Namespace) -> MemoryPolicy:
         return make_policy(name, **kwargs)
     except TypeError as exc:
         raise ValueError(f"--policy {name}: {exc}") from exc
+
+
+def shipped_namm(model: str | None) -> str:
+    """The shipped NAMM ``--policy namm`` runs without ``--namm``: the one evolved on ``model``, else
+    (zero-shot) the first shipped one."""
+    from namm.memory.model import default_pretrained
+
+    name = default_pretrained(model)
+    if name is None:
+        raise ValueError("--policy namm: no NAMM is shipped with the package; pass --namm DIR (a NAMM folder, "
+                         "e.g. a run's mean/), or evolve one with `namm evolve CONFIG` and ship it with "
+                         "`namm export RUN_DIR --to namm/pretrained/NAME`.")
+    return name
 
 
 def read_prompt(prompt: str | None, file: str | None) -> str:

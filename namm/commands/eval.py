@@ -4,10 +4,24 @@ The schedule and prompt format (--chunk-size, --delay, --[no-]evict-*, --[no-]ch
 the evaluated NAMM's recorded conditions when the methods include namm (every method runs under
 them), else to chunk 128, delay 512, both eviction steps on, raw prompts (as LongBench).
 
-Example::
+Settings (the table's second column): ``full``; for namm ``threshold`` (its own rule: the
+tokens scoring >= its threshold, an emergent cache size), ``cap=B`` per --budgets (the same, at
+most B tokens per layer) and ``keep=r`` in budget mode (each head's top-k NAMM scores) at its
+recorded keep ratio if it was evolved in budget mode and at each --keep-ratios, whatever mode it
+was evolved in; for a baseline ``keep=r``, ``budget=B`` and, with --match-namm, ``keep=r (namm)``:
+r = the mean final kept fraction of the NAMM's threshold rows (all samples), rounded to 3
+decimals, measured first (and found again from rows.jsonl when a run resumes).
 
-    namm eval --model smollm2 --tasks passkey,niah_multikey --lengths 1024,2048 \\
-        --methods full,streaming,h2o,l2 --keep-ratios 0.25,0.5 --limit 5 --out runs/eval
+The final results (held-out test split; seed 7: the evolution trains on the train split and
+evaluates its mean on seeds offset by 1,000,000, so these samples are never seen)::
+
+    namm eval --model smollm2 --methods full,namm,h2o,snapkv,tova,streaming,pyramidkv,l2 \\
+        --namm smollm2 --match-namm --keep-ratios 0.25,0.5 \\
+        --tasks passkey,niah_single,niah_multikey,kv_retrieval --lengths 1024 --limit 32 --seed 7 \\
+        --split test --dtype bfloat16 --out docs/results/smollm2-namm
+
+It writes per task and mean scores ± standard error, n, and the measured final / mean / peak
+cache of every method and setting (results.md, .csv, .json) and score vs cache (results.png).
 """
 
 from __future__ import annotations
@@ -46,7 +60,10 @@ def add_parser(sub) -> None:
     p.add_argument("--methods", type=_csv(str), default=["full"], help=f"comma-separated: {', '.join(POLICIES)}")
     p.add_argument("--keep-ratios", type=_csv(float), default=[], help="fractions of tokens kept, e.g. 0.25,0.5")
     p.add_argument("--budgets", type=_csv(int), default=[],
-                   help="tokens kept per layer; for namm, caps on its emergent cache")
+                   help="tokens kept per layer; for namm, caps on its threshold-mode (emergent) cache")
+    p.add_argument("--match-namm", action="store_true",
+                   help="also run each budgeted baseline at the NAMM's measured kept fraction (the mean final "
+                        "kept fraction of its threshold rows, rounded to 3 decimals); needs namm in --methods")
     p.add_argument("--limit", type=int, default=5, help="samples per task and length")
     p.add_argument("--out", default="eval-results", help="output folder (rows.jsonl, results.*)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic samples")
@@ -67,6 +84,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         split=args.split, filler=args.filler, chunk_size=args.chunk_size, delay=args.delay,
         evict_at_prefill_end=args.evict_at_prefill_end, evict_during_prefill=args.evict_during_prefill,
         namm=args.namm, data_dir=args.data_dir, chat=args.chat, dtype=args.dtype, device=args.device,
+        match_namm=args.match_namm,
     )
 
 

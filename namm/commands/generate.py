@@ -8,6 +8,7 @@ import sys
 
 from namm.commands.common import add_prompt_args, add_run_args, engine_from_args
 from namm.engine import format_conditions
+from namm.policies.namm import NAMMPolicy
 from namm.progress import generation_progress
 
 
@@ -34,15 +35,19 @@ def run(args: argparse.Namespace) -> int:
                               seed=args.seed)
     r = out.report
     conditions = engine.conditions(policy, args.chat)  # what ran: a NAMM's recorded conditions unless overridden
+    namm = namm_description(policy, args.model)
     if args.json:
-        json.dump({"text": out.text, "policy": args.policy, "model": args.model, "prompt_tokens": out.prompt_tokens,
-                   "new_tokens": len(out.token_ids), "finish_reason": out.finish_reason, "conditions": conditions,
-                   "memory": r.to_dict(), "timings": out.timings}, sys.stdout, indent=2)
+        json.dump({"text": out.text, "policy": args.policy, "namm": namm, "model": args.model,
+                   "prompt_tokens": out.prompt_tokens, "new_tokens": len(out.token_ids),
+                   "finish_reason": out.finish_reason, "conditions": conditions, "memory": r.to_dict(),
+                   "timings": out.timings}, sys.stdout, indent=2)
         print()
         return 0
     print(out.text.strip())
     print()
     print(f"--- memory ({args.policy}) ---")
+    if namm:
+        print(f"namm             {namm}")
     print(f"conditions       {format_conditions(conditions)}")
     kept_tokens = sum(r.final_len) / max(len(r.final_len), 1)
     print(f"tokens seen      {r.tokens_seen} ({out.prompt_tokens} prompt + {len(out.token_ids)} generated)")
@@ -54,3 +59,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"time             {t['total_s']:.1f} s (prefill {t['prefill_s']:.1f} s, decode {t['decode_s']:.1f} s, "
           f"{t['tokens_per_s']:.0f} tokens/s)")
     return 0
+
+
+def namm_description(policy, model: str) -> str | None:
+    """Which NAMM ran (its name or path), noting a zero-shot run on another model; None for other policies."""
+    if not isinstance(policy, NAMMPolicy):
+        return None
+    text = policy.source or "a NAMM object"
+    evolved_on = policy.namm.config.evolved_on
+    if evolved_on and evolved_on.lower() != str(model).lower():
+        text += f" (evolved on {evolved_on}, zero-shot)"
+    return text

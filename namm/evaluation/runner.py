@@ -7,6 +7,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from statistics import mean
 from typing import TYPE_CHECKING, Any, Iterator
 
 from namm.tasks import Sample, load_task, resolve_task, score_sample
@@ -17,11 +18,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalConfig", "Variant", "variants", "run_evaluation", "load_rows", "row_key", "ROWS_FILE"]
+__all__ = ["EvalConfig", "Variant", "variants", "run_evaluation", "load_rows", "row_key", "ROWS_FILE",
+           "matched_keep_ratio", "matched_setting", "NAMM_THRESHOLD"]
 
 ROWS_FILE = "rows.jsonl"
 BUDGETLESS = frozenset({"full"})  # run once, no budget
-EMERGENT = frozenset({"namm"})  # run at its own (emergent) size, then once per --budgets cap
+EMERGENT = frozenset({"namm"})  # run in threshold mode (its own, emergent size) and in budget mode
+NAMM_THRESHOLD = "threshold"  # the setting label of the NAMM's own threshold rule
 
 
 CONDITION_DEFAULTS: dict[str, Any] = {"chunk_size": 128, "delay": 512, "evict_at_prefill_end": True,
@@ -36,6 +39,9 @@ class EvalConfig:
     ``chat``) left None are filled by :func:`resolve_conditions`: from the evaluated NAMM's
     recorded conditions when the methods include ``namm`` (every method then runs under them, so
     the comparison stays side by side), else from :data:`CONDITION_DEFAULTS`.
+
+    ``match_namm``: also run every budgeted baseline at the NAMM's measured threshold-mode kept
+    fraction (see :func:`matched_keep_ratio`); the NAMM's threshold rows run first.
     """
 
     model: str = "smollm2"
@@ -58,6 +64,7 @@ class EvalConfig:
     chat: bool | None = None
     dtype: str | None = None
     device: str | None = None
+    match_namm: bool = False
 
     def __post_init__(self) -> None:
         if not self.tasks or not self.methods:
@@ -72,10 +79,14 @@ class EvalConfig:
             if resolve_task(task)[0] == "continuation":  # also fails fast on a typo
                 raise ValueError(f"{task!r} is a likelihood objective for `namm evolve` ([[tasks]]); namm eval "
                                  "scores generated answers: choose a generation task.")
+        if self.match_namm and not EMERGENT & set(self.methods):
+            raise ValueError("--match-namm runs the baselines at the NAMM's measured kept fraction: add namm to "
+                             "--methods (and give --namm).")
         budgeted = [m for m in self.methods if m not in BUDGETLESS | EMERGENT]
-        if budgeted and not (self.keep_ratios or self.budgets):
+        if budgeted and not (self.keep_ratios or self.budgets or self.match_namm):
             raise ValueError(
-                f"{', '.join(budgeted)} need a cache size: give --keep-ratios (e.g. 0.25,0.5) or --budgets (tokens)."
+                f"{', '.join(budgeted)} need a cache size: give --keep-ratios (e.g. 0.25,0.5), --budgets (tokens) "
+                "or --match-namm."
             )
 
 
@@ -90,27 +101,37 @@ class Variant:
     budget: int | None = None
 
 
-def variants(config: EvalConfig, namm: NAMMConfig | None = None) -> list[Variant]:
-    """Every (method, cache setting) the run evaluates.
+def variants(config: EvalConfig, namm: NAMMConfig | None = None, matched: float | None = None) -> list[Variant]:
+    """Every (method, cache setting) the run evaluates; ``setting`` is the label in the tables.
 
-    A NAMM evolved in threshold mode runs at its emergent size, then once per ``budgets`` cap; one
-    evolved in budget mode (``namm``'s recorded keep) is a ranking, run like the baselines at its
-    own keep_ratio first, then at the other ``keep_ratios`` and ``budgets``.
+    ``full``: once, setting "full". A baseline: "keep=r" per ``keep_ratios``, "budget=B" per
+    ``budgets`` and, given ``matched`` (the ``--match-namm`` ratio, see :func:`matched_keep_ratio`),
+    "keep=r (namm)". The NAMM runs in both keep modes whatever mode it was evolved in (``namm``'s
+    recorded keep): "threshold" (its own rule, score >= threshold: the emergent size), "cap=B" per
+    ``budgets`` (threshold mode, at most B tokens per layer), then "keep=r" in budget mode (each
+    head's top-k NAMM scores) at its recorded keep_ratio if it was evolved in budget mode, and at
+    each of ``keep_ratios``.
     """
     out = []
     for method in config.methods:
         if method in BUDGETLESS:
             out.append(Variant(method, "full", {}))
-        elif method in EMERGENT and namm is not None and namm.keep == "budget":
-            ratios = [namm.keep_ratio] + [r for r in config.keep_ratios if r != namm.keep_ratio]
-            out += _sized(method, ratios, config.budgets, {"namm": config.namm})
         elif method in EMERGENT:
-            base = {"namm": config.namm} if config.namm else {}
-            out.append(Variant(method, "emergent", base))
-            out += [Variant(method, f"cap={b}", {**base, "max_cache": b}, budget=b) for b in config.budgets]
+            out += _namm_variants(method, config, namm)
         else:
             out += _sized(method, config.keep_ratios, config.budgets, {})
+            if matched is not None:
+                out.append(Variant(method, matched_setting(matched), {"keep_ratio": matched}, keep_ratio=matched))
     return out
+
+
+def _namm_variants(method: str, config: EvalConfig, namm: NAMMConfig | None) -> list[Variant]:
+    base = {"namm": config.namm} if config.namm else {}
+    own = [namm.keep_ratio] if namm is not None and namm.keep == "budget" else []
+    ratios = own + [r for r in config.keep_ratios if r not in own]
+    out = [Variant(method, NAMM_THRESHOLD, {**base, "keep": "threshold"})]
+    out += [Variant(method, f"cap={b}", {**base, "keep": "threshold", "max_cache": b}, budget=b) for b in config.budgets]
+    return out + _sized(method, ratios, [], {**base, "keep": "budget"})
 
 
 def _sized(method: str, ratios: list[float], budgets: list[int], base: dict[str, Any]) -> list[Variant]:
@@ -118,22 +139,36 @@ def _sized(method: str, ratios: list[float], budgets: list[int], base: dict[str,
     return out + [Variant(method, f"budget={b}", {**base, "budget": b}, budget=b) for b in budgets]
 
 
+def matched_setting(ratio: float) -> str:
+    """The label of a baseline run at the NAMM's measured kept fraction (``--match-namm``)."""
+    return f"keep={ratio:g} (namm)"
+
+
+def matched_keep_ratio(namm_rows: list[dict[str, Any]]) -> float:
+    """The ``--match-namm`` keep ratio: the mean over the NAMM's threshold rows (every sample of
+    every task and length) of their final kept fraction (the report's ``kept_fraction``, the
+    "final cache" column), rounded to 3 decimals and at least 0.001."""
+    if not namm_rows:
+        raise ValueError("--match-namm needs the NAMM's threshold rows; none were run.")
+    return max(round(mean(r["kept_fraction"] for r in namm_rows), 3), 0.001)
+
+
 def resolve_conditions(config: EvalConfig, tokenizer=None) -> tuple[EvalConfig, NAMMConfig | None]:
     """``config`` with every condition set, and the evaluated NAMM's config (None without one).
 
-    Without ``--namm`` the first shipped pretrained NAMM is evaluated, if any. A condition given
+    Without ``--namm`` the shipped pretrained NAMM for ``config.model`` is evaluated (else the first
+    shipped one, zero-shot), if any. A condition given
     explicitly wins; else the NAMM's recorded value (a NAMM that records no chat choice gets the
     tokenizer's template if it has one, as :meth:`namm.engine.Engine.generate` does); else the
     default.
     """
-    from namm.memory.model import available_pretrained
+    from namm.memory.model import default_pretrained
     from namm.policies.namm import load_namm
 
     namm = None
     if any(m in EMERGENT for m in config.methods):
-        shipped = available_pretrained()
-        if config.namm is None and shipped:
-            config = replace(config, namm=shipped[0])
+        if config.namm is None:
+            config = replace(config, namm=default_pretrained(config.model))
         if config.namm is not None:
             namm = load_namm(config.namm).config
     recorded: dict[str, Any] = {}
@@ -204,7 +239,11 @@ def _row(variant: Variant, task: str, length: int | None, sample: Sample, out) -
 
 def run_evaluation(config: EvalConfig, model=None, tokenizer=None, progress: bool = True) -> list[dict[str, Any]]:
     """Run every missing row, append each to ``<out>/rows.jsonl``, write the reports; return all
-    rows of this configuration (finished earlier or now)."""
+    rows of this configuration (finished earlier or now).
+
+    With ``match_namm`` the NAMM's threshold rows run first; the matched keep ratio comes from
+    them (finished or new), so a rerun finds the same ratio and skips the finished matched rows.
+    """
     from namm.engine import Engine, EngineConfig, format_conditions
     from namm.evaluation.report import write_reports
     from namm.policies import make_policy
@@ -220,35 +259,67 @@ def run_evaluation(config: EvalConfig, model=None, tokenizer=None, progress: boo
     engine = Engine(model, tokenizer, config=EngineConfig(
         chunk_size=config.chunk_size, delay=config.delay, evict_at_prefill_end=config.evict_at_prefill_end,
         evict_during_prefill=config.evict_during_prefill))
-    window = engine.max_length()
+    # build each policy once up front so a bad setting fails before any work (1.0 stands in for
+    # the matched ratio, measured later)
+    for v in variants(config, namm, 1.0 if config.match_namm else None):
+        make_policy(v.method, **v.kwargs)
     rows_path = out_dir / ROWS_FILE
     done = {row_key(r["method"], r["setting"], r["task"], r["length"], r["sample_id"]): r for r in load_rows(rows_path)}
-    plan = variants(config, namm)
-    for v in plan:  # build each policy once up front so a bad setting fails before any work
-        make_policy(v.method, **v.kwargs)
-    work = list(_work(config, tokenizer, window))
-    todo = [(v, w) for w in work for v in plan if row_key(v.method, v.setting, w[0], w[1], w[2].id) not in done]
-    log.info("%d rows planned, %d already done, %d to run", len(work) * len(plan), len(work) * len(plan) - len(todo), len(todo))
-    bar = _progress(len(todo), progress)
+    work = list(_work(config, tokenizer, engine.max_length()))
+    notes = _label_notes(config)
+    matched = None
     with rows_path.open("a", encoding="utf-8") as handle:
-        for variant, (task, length, sample) in todo:
-            chat = config.chat and not sample.meta.get("no_chat", False)
-            out = engine.generate(sample.prompt, max_new_tokens=sample.max_new_tokens, stop=sample.stop,
-                                  chat=chat, policy=make_policy(variant.method, **variant.kwargs))
-            row = _row(variant, task, length, sample, out)
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            handle.flush()
-            done[row_key(variant.method, variant.setting, task, length, sample.id)] = row
-            bar.set_postfix_str(f"{variant.method} {variant.setting} {task}")
-            bar.update(1)
-    bar.close()
+        if config.match_namm:
+            threshold = [v for v in variants(config, namm) if v.method in EMERGENT and v.setting == NAMM_THRESHOLD]
+            _run_missing(engine, config, threshold, work, done, handle, progress)
+            namm_rows = [done[row_key(v.method, v.setting, t, ln, s.id)] for v in threshold for t, ln, s in work]
+            matched = matched_keep_ratio(namm_rows)
+            log.info("--match-namm: the NAMM kept %.4f of the tokens seen (final, mean of %d rows) -> keep ratio %g",
+                     mean(r["kept_fraction"] for r in namm_rows), len(namm_rows), matched)
+            notes.append(f"{matched_setting(matched)}: the baseline at the NAMM's measured kept fraction, the mean final "
+                         f"kept fraction of its {NAMM_THRESHOLD} rows over all {len(namm_rows)} samples, rounded to "
+                         "3 decimals.")
+        plan = variants(config, namm, matched)
+        _run_missing(engine, config, plan, work, done, handle, progress)
     wanted = {row_key(v.method, v.setting, t, ln, s.id) for v in plan for t, ln, s in work}
     rows = [r for k, r in done.items() if k in wanted]
     conditions = engine.conditions(chat=config.chat)
     evolved = f"; the NAMM was evolved with {make_policy('namm', namm=config.namm).describe_keep()}" if namm else ""
     conditions["keep"] = f"per setting{evolved}"
-    write_reports(rows, out_dir, title=f"namm eval: {config.model}", conditions=format_conditions(conditions))
+    write_reports(rows, out_dir, title=f"namm eval: {config.model}", conditions=format_conditions(conditions),
+                  notes=notes)
     return rows
+
+
+def _label_notes(config: EvalConfig) -> list[str]:
+    if not EMERGENT & set(config.methods):
+        return []
+    return [f"namm {NAMM_THRESHOLD}: the NAMM's own rule (keep the tokens scoring >= its threshold: an emergent "
+            "cache size); cap=B: the same, at most B tokens per layer; keep=r: budget mode, each KV head keeps "
+            "its top ceil(r x tokens seen) NAMM scores."]
+
+
+def _run_missing(engine, config: EvalConfig, plan: list[Variant], work: list[tuple[str, int | None, Sample]],
+                 done: dict[str, dict[str, Any]], handle, progress: bool) -> None:
+    """Generate and score every (variant, sample) of ``plan`` x ``work`` not in ``done``; append
+    each row to ``handle`` as it finishes and add it to ``done``."""
+    from namm.policies import make_policy
+
+    todo = [(v, w) for w in work for v in plan if row_key(v.method, v.setting, w[0], w[1], w[2].id) not in done]
+    total = len(work) * len(plan)
+    log.info("%d rows planned, %d already done, %d to run", total, total - len(todo), len(todo))
+    bar = _progress(len(todo), progress)
+    for variant, (task, length, sample) in todo:
+        chat = config.chat and not sample.meta.get("no_chat", False)
+        out = engine.generate(sample.prompt, max_new_tokens=sample.max_new_tokens, stop=sample.stop,
+                              chat=chat, policy=make_policy(variant.method, **variant.kwargs))
+        row = _row(variant, task, length, sample, out)
+        handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        handle.flush()
+        done[row_key(variant.method, variant.setting, task, length, sample.id)] = row
+        bar.set_postfix_str(f"{variant.method} {variant.setting} {task}")
+        bar.update(1)
+    bar.close()
 
 
 def _progress(total: int, enabled: bool):

@@ -9,7 +9,8 @@ more per optional extra input, ``FeatureConfig.extras``).
 
 On disk a NAMM is a folder with ``config.json`` and ``namm.safetensors`` (tensors ``params`` and,
 once calibrated, ``norm.count``, ``norm.mean``, ``norm.m2``). Pretrained NAMMs shipped with the
-package live in ``namm/pretrained/<name>/``.
+package live in ``namm/pretrained/<name>/``, each with a ``provenance.json`` (the run it was evolved
+in, see :mod:`namm.evolution.export`); :func:`default_pretrained` picks the one for a model.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from namm.memory.scoring import FlatScorer, ScorerConfig, build_scorer, score_ra
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "namm.safetensors"
+PROVENANCE_FILE = "provenance.json"
 FORMAT = "namm"
 FORMAT_VERSION = 1
 KEEP_MODES = ("threshold", "budget")
@@ -260,6 +262,30 @@ def available_pretrained() -> list[str]:
     return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / CONFIG_FILE).is_file())
 
 
+def read_provenance(name_or_path: str | Path) -> dict[str, Any] | None:
+    """The ``provenance.json`` of a NAMM folder or shipped name (see :mod:`namm.evolution.export`),
+    or None if it has none."""
+    path = resolve_pretrained(name_or_path) / PROVENANCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); re-export the NAMM with `namm export`.") from exc
+
+
+def default_pretrained(model: str | None = None) -> str | None:
+    """The shipped NAMM to run on ``model``: the one evolved on it (its provenance's "model"), else
+    the first shipped one (a NAMM is model-agnostic: zero-shot transfer), else None."""
+    names = available_pretrained()
+    if model is not None:
+        for name in names:
+            evolved_on = (read_provenance(name) or {}).get("model")
+            if isinstance(evolved_on, str) and evolved_on.lower() == model.lower():
+                return name
+    return names[0] if names else None
+
+
 def resolve_pretrained(name_or_path: str | Path) -> Path:
     """The folder of a NAMM given as a path or as the name of a shipped pretrained NAMM."""
     path = Path(name_or_path).expanduser()
@@ -279,5 +305,6 @@ def resolve_pretrained(name_or_path: str | Path) -> Path:
     )
 
 
-__all__ = ["KEEP_MODES", "NAMM", "NAMMConfig", "PRETRAINED_DIR", "SCHEDULE_KEYS", "available_pretrained",
-           "check_keep", "resolve_pretrained", "schedule_of"]
+__all__ = ["KEEP_MODES", "NAMM", "NAMMConfig", "PRETRAINED_DIR", "PROVENANCE_FILE", "SCHEDULE_KEYS",
+           "available_pretrained", "check_keep", "default_pretrained", "read_provenance", "resolve_pretrained",
+           "schedule_of"]

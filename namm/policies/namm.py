@@ -37,7 +37,8 @@ class NAMMPolicy(MemoryPolicy):
     :mod:`namm.memory.extra_features`) and appends them to each token's features.
 
     namm:      a :class:`~namm.memory.model.NAMM`, a NAMM folder, a shipped pretrained name, or a
-               bare reference-layout parameter file (.pt/.safetensors/.npy).
+               bare reference-layout parameter file (.pt/.safetensors/.npy); None: the first shipped
+               NAMM (:func:`~namm.memory.model.default_pretrained`). ``source`` keeps the name or path.
     max_cache: optional cap on tokens kept per layer (overrides the NAMM's own ``max_cache``).
     budget / keep_ratio: keep exactly each head's top-``budget`` tokens (or that fraction of the
                tokens seen) instead of thresholding, for comparisons at matched cache size.
@@ -63,17 +64,17 @@ class NAMMPolicy(MemoryPolicy):
         return ("namm", self.namm.config.features)
 
     def __post_init__(self) -> None:
-        if self.namm is None:
-            if not self.calibrate:
-                from namm.memory.model import available_pretrained
+        if self.namm is None and not self.calibrate:
+            from namm.memory.model import default_pretrained
 
-                names = ", ".join(available_pretrained()) or "none installed"
+            self.namm = default_pretrained()
+            if self.namm is None:
                 raise ValueError(
-                    f"NAMMPolicy needs a NAMM: namm=PATH (a NAMM folder or a parameter file) or a pretrained "
-                    f"name (available: {names})."
+                    "NAMMPolicy needs a NAMM and none is shipped: pass namm=PATH (a NAMM folder or a parameter "
+                    "file), or ship one with `namm export RUN_DIR --to namm/pretrained/NAME`."
                 )
-            self.namm = NAMM()
-        self.namm = load_namm(self.namm)
+        self.source = None if self.namm is None or isinstance(self.namm, NAMM) else str(self.namm)
+        self.namm = load_namm(NAMM() if self.namm is None else self.namm)
         if self.max_cache is not None and not (isinstance(self.max_cache, int) and self.max_cache > 0):
             raise ValueError(f"max_cache must be a positive number of tokens or None, got {self.max_cache!r}.")
         if self.budget is not None or self.keep_ratio is not None:

@@ -38,7 +38,8 @@ def biased_namm(bias: float, recency_weight: float = 0.0) -> NAMM:
     return NAMM(params=vec)
 
 
-def test_registered() -> None:
+def test_registered(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr("namm.memory.model.PRETRAINED_DIR", tmp_path)  # nothing shipped
     assert POLICIES["namm"] is NAMMPolicy
     assert isinstance(make_policy("namm", namm=NAMM()), NAMMPolicy)
     with pytest.raises(ValueError, match="needs a NAMM"):

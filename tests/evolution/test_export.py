@@ -1,0 +1,194 @@
+"""Shipping an evolved NAMM: ``namm export`` writes a run's NAMM with a provenance that checks out
+against the run folder, and the shipped NAMM is what ``--policy namm`` runs without ``--namm``."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import subprocess
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from namm.cli import main
+from namm.evolution.export import export_run
+from namm.evolution.runner import EvolutionRun
+from namm.memory.model import NAMM, NAMMConfig, available_pretrained, default_pretrained, read_provenance
+from namm.policies.namm import NAMMPolicy
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = {"passkey": 2, "kv_retrieval": 1}  # tiny-test.toml's samples_per_task, and the override below
+PROMPT = "the quick brown fox jumps over the lazy dog " * 12
+
+
+@pytest.fixture
+def run(tiny_config) -> Path:
+    """A finished tiny run: 2 generations on passkey, then 1 on passkey + kv_retrieval; the mean is
+    evaluated after generations 1 and 2 (every 2 and at each stage end)."""
+    tasks = [{"name": "passkey", "length": 320, "prompts": 6},
+             {"name": "kv_retrieval", "length": 320, "prompts": 6, "samples": SAMPLES["kv_retrieval"]}]
+    stages = [{"name": "retrieval", "tasks": ["passkey"], "generations": 2},
+              {"name": "all", "tasks": ["passkey", "kv_retrieval"], "generations": 1}]
+    config = tiny_config(tasks=tasks, stages=stages, optimizer={"popsize": 3}, eval_interval=2)
+    EvolutionRun(config).run()
+    return Path(config.output_dir)
+
+
+@pytest.fixture
+def shipped(tmp_path, monkeypatch) -> Path:
+    """An empty ``namm/pretrained`` standing in for the package's."""
+    folder = tmp_path / "pretrained"
+    folder.mkdir()
+    monkeypatch.setattr("namm.memory.model.PRETRAINED_DIR", folder)
+    return folder
+
+
+def log_rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run_state(run: Path) -> dict:
+    return pickle.loads((run / "state.pkl").read_bytes())
+
+
+def ship_other(folder: Path, name: str = "a-smollm2") -> Path:
+    """A (zero, keep-everything) NAMM evolved on smollm2, sorted before the tiny run's export."""
+    dest = NAMM(NAMMConfig(evolved_on="smollm2")).save_pretrained(folder / name)
+    (dest / "provenance.json").write_text(json.dumps({"model": "smollm2"}))
+    return dest
+
+
+def test_export_writes_the_mean_and_a_provenance_that_checks_out(run, tmp_path):
+    dest = export_run(run, tmp_path / "ship")
+    p = json.loads((dest / "provenance.json").read_text())
+    rows = log_rows(run)
+    config_bytes = (run / "config.json").read_bytes()
+    config = json.loads(config_bytes)
+
+    assert (p["model"], p["dtype"], p["which"], p["popsize"]) == ("tiny-llama", config["dtype"], "mean", 3)
+    assert p["config_sha256"] == hashlib.sha256(config_bytes).hexdigest() and p["config"] == config
+    assert p["generations"] == len(rows) == 3 and p["generation"] == 2
+    assert p["stages"] == [{"stage": 1, "name": "retrieval", "tasks": ["passkey"], "generations": 2, "planned": 2},
+                           {"stage": 2, "name": "all", "tasks": ["passkey", "kv_retrieval"], "generations": 1,
+                            "planned": 1}]
+    # members x prompts of each logged generation: 3 x 2, 3 x 2, 3 x (2 + 1)
+    members = sum(len(r["member_fitness"].split()) * sum(SAMPLES[t] for t in r["tasks"].split("+")) for r in rows)
+    assert p["member_evaluations"] == members == 21
+    # the mean on eval_samples_per_task (2) prompts per task after generations 1 (1 task) and 2 (2 tasks)
+    assert p["mean_evaluations"] == sum(2 * len(r["tasks"].split("+")) for r in rows if r["eval_fitness"]) == 6
+    assert p["compute_hours"] == pytest.approx(sum(float(r["seconds"]) for r in rows) / 3600, rel=1e-9)
+    evals = [(int(r["generation"]), float(r["eval_fitness"])) for r in rows if r["eval_fitness"]]
+    assert [g for g, _ in evals] == [1, 2]
+    assert p["eval_last"] == {"generation": 2, "fitness": evals[-1][1]}
+    best = run_state(run)["best_eval"]
+    assert p["eval_best"]["generation"] == best["generation"]
+    assert p["eval_best"]["fitness"] == pytest.approx(best["fitness"], rel=1e-9)
+    assert p["hardware"]["cpus"] == os.cpu_count() and p["hardware"]["torch"] == torch.__version__
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert p["git_commit"] == (git.stdout.strip() if git.returncode == 0 else None)
+    assert abs(datetime.now(timezone.utc) - datetime.fromisoformat(p["date"])) < timedelta(minutes=10)
+    assert read_provenance(dest) == p
+
+    shipped = NAMM.from_pretrained(dest)  # the run's CMA mean, its statistics and its conditions
+    es_mean = pickle.loads(run_state(run)["optimizer"]["es"])[0].mean
+    np.testing.assert_allclose(shipped.get_flat().double().numpy(), es_mean, rtol=1e-6, atol=1e-9)
+    mean = NAMM.from_pretrained(run / "mean")
+    assert torch.equal(shipped.get_flat(), mean.get_flat()) and torch.equal(shipped.norm.mean, mean.norm.mean)
+    assert shipped.config == mean.config and shipped.config.delay == 64
+    assert sorted(f.name for f in dest.iterdir()) == ["config.json", "namm.safetensors", "provenance.json"]
+    assert not list(tmp_path.glob(".ship*"))  # no temp folder left behind
+
+
+def test_export_best_is_the_best_evaluated_mean(run, tmp_path):
+    dest = export_run(run, tmp_path / "best", which="best")
+    best = run_state(run)["best_eval"]
+    p = read_provenance(dest)
+    assert p["which"] == "best" and p["generation"] == best["generation"] == p["eval_best"]["generation"]
+    np.testing.assert_allclose(NAMM.from_pretrained(dest).get_flat().double().numpy(), best["params"],
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_export_refuses_what_it_cannot_ship(run, tmp_path):
+    with pytest.raises(ValueError, match="not a `namm evolve` run folder"):
+        export_run(tmp_path / "nowhere", tmp_path / "a")
+    with pytest.raises(ValueError, match="which must be one of"):
+        export_run(run, tmp_path / "a", which="worst")
+    with pytest.raises(ValueError, match="is the run folder"):
+        export_run(run, run, force=True)
+    with pytest.raises(ValueError, match="is the run folder"):
+        export_run(run, run / "mean", force=True)
+
+    dest = tmp_path / "taken"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="pass --force"):
+        export_run(run, dest)
+    assert (dest / "notes.txt").read_text() == "mine"  # untouched
+    export_run(run, dest, force=True)
+    assert sorted(f.name for f in dest.iterdir()) == ["config.json", "namm.safetensors", "provenance.json"]
+
+    no_best = tmp_path / "no-best"
+    shutil.copytree(run, no_best)
+    shutil.rmtree(no_best / "best")
+    with pytest.raises(ValueError, match="no best/ NAMM"):
+        export_run(no_best, tmp_path / "b", which="best")
+    rows = (no_best / "log.csv").read_text().splitlines()
+    (no_best / "log.csv").write_text(rows[0] + "\n")  # the header only: no generation finished
+    with pytest.raises(ValueError, match="not finished a generation"):
+        export_run(no_best, tmp_path / "b")
+
+
+def test_default_pretrained_picks_by_model_then_falls_back(run, shipped):
+    assert available_pretrained() == [] and default_pretrained("tiny-llama") is None
+    with pytest.raises(ValueError, match="needs a NAMM and none is shipped"):
+        NAMMPolicy()
+
+    ship_other(shipped)
+    export_run(run, shipped / "tiny")
+    NAMM().save_pretrained(shipped / "z-bare")  # no provenance.json
+    assert available_pretrained() == ["a-smollm2", "tiny", "z-bare"]
+    assert default_pretrained("tiny-llama") == "tiny"
+    assert default_pretrained("SmolLM2") == "a-smollm2"
+    assert default_pretrained("gemma3-270m") == default_pretrained(None) == "a-smollm2"  # zero-shot: the first
+    assert read_provenance("z-bare") is None and read_provenance("tiny")["model"] == "tiny-llama"
+    policy = NAMMPolicy()
+    assert policy.source == "a-smollm2" and policy.namm.config.evolved_on == "smollm2"
+
+
+def test_cli_export(run, tmp_path, capsys):
+    dest = tmp_path / "ship"
+    assert main(["export", str(run), "--to", str(dest)]) == 0
+    assert "evolved on tiny-llama, 3 generations" in capsys.readouterr().out
+    assert main(["export", str(run), "--to", str(dest), "--which", "best"]) == 1
+    assert "pass --force" in capsys.readouterr().err
+    assert main(["export", str(run), "--to", str(dest), "--which", "best", "--force"]) == 0
+    assert read_provenance(dest)["which"] == "best"
+
+
+def generate(capsys, model: str, *argv: str) -> str:
+    assert main(["--quiet", "generate", "--model", model, "--no-chat", PROMPT, "--max-new-tokens", "4",
+                 "--policy", "namm", *argv]) == 0
+    return capsys.readouterr().out
+
+
+def test_policy_namm_without_namm_runs_the_shipped_one(run, shipped, capsys):
+    assert main(["generate", "--model", "tiny-llama", "hello", "--policy", "namm"]) == 1
+    assert "namm export RUN_DIR --to namm/pretrained/NAME" in capsys.readouterr().err
+
+    ship_other(shipped)
+    export_run(run, shipped / "tiny")
+    out = json.loads(generate(capsys, "tiny-llama", "--json"))
+    assert out["namm"] == "tiny"  # the one evolved on this model, not the first
+    assert (out["conditions"]["chunk_size"], out["conditions"]["delay"]) == (32, 64)  # its recorded schedule
+    assert out["memory"]["evictions"] >= 8
+    # another model: the first shipped NAMM, zero-shot, said in the report
+    assert "namm             a-smollm2 (evolved on smollm2, zero-shot)" in generate(capsys, "tiny-qwen2")
+    assert "namm             tiny\n" in generate(capsys, "tiny-llama")
