@@ -34,7 +34,8 @@ BASELINES = ["random", "streaming", "h2o", "tova", "snapkv", "pyramidkv", "l2"]
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="an evolution run folder (config.toml, calibration.pt, mean/)")
-    p.add_argument("--methods", default=",".join(BASELINES + ["namm-mean", "namm-best"]))
+    p.add_argument("--methods", default=",".join(BASELINES + ["namm-mean", "namm-best"]),
+                   help="policies; namm-mean / namm-best: the run's folders; namm=PATH: any NAMM folder")
     p.add_argument("--tasks", default=None, help="comma list (default: every task of the run)")
     p.add_argument("--samples", type=int, default=None, help="eval prompts per task (default: the run's)")
     p.add_argument("--keep-ratio", type=float, default=None, help="default: the run's keep_ratio")
@@ -70,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, dict] = {}
     for method in args.methods.split(","):
-        if method.startswith("namm-"):
+        if method.startswith("namm="):  # any NAMM folder
+            policy = namm_policy(NAMM.from_pretrained(method.split("=", 1)[1]))
+        elif method.startswith("namm-"):  # a NAMM folder of the run: namm-mean, namm-best
             policy = namm_policy(NAMM.from_pretrained(run / method.split("-", 1)[1]))
         else:
             policy = make_policy(method, keep_ratio=ratio)
