@@ -132,6 +132,8 @@ class MemorySequence:
         if end_of_prompt and self.config.evict_at_prefill_end:
             if self.seen % self.config.delay != 0 or not self.config.evict_during_prefill:
                 self.evict()
+        if end_of_prompt:
+            self.meter.end_prompt()
         return torch.cat(outputs, dim=0) if all_logits else outputs[-1][-1]
 
     def _evict_on_grid(self, end_of_prompt: bool) -> None:
@@ -169,7 +171,7 @@ class MemorySequence:
                 **{self._cache_arg: self.cache},
             )
         self.seen += n
-        self.meter.after_forward(self.lengths(), n, self.seen)
+        self.meter.after_forward(self.lengths(), n, self.seen, self.kv_bytes())
         return out.logits[0].float()
 
     def _observe(self, layer: int, attn: torch.Tensor | None, keys: torch.Tensor) -> None:
@@ -199,7 +201,7 @@ class MemorySequence:
             cache_layer.values = cache_layer.values.gather(2, gather)
             self.positions[layer] = self.positions[layer].gather(1, idx)
             kept[layer] = self.positions[layer]
-        self.meter.evictions += 1
+        self.meter.after_eviction(self.lengths())
         if self.config.record_evictions:
             self.eviction_log.append((self.seen, {k: v.clone() for k, v in kept.items()}))
 
@@ -231,16 +233,19 @@ class MemorySequence:
     def lengths(self) -> list[int]:
         return [int(self.positions[layer].shape[1]) for layer in self.spec.managed_layers]
 
-    def report(self) -> MemoryReport:
-        kv_bytes = kv_full = 0
+    def _held(self):
+        """(layer index, bytes of K and V held, tokens held) for every layer the cache has filled."""
         for i, cache_layer in enumerate(self.cache.layers):
             if not getattr(cache_layer, "is_initialized", True) or cache_layer.keys is None:
                 continue
-            held = cache_layer.keys.numel() * cache_layer.keys.element_size() * 2
-            kv_bytes += held
-            if i in self.positions:
-                per_token = held // max(cache_layer.keys.shape[2], 1)
-                kv_full += per_token * self.seen
-            else:
-                kv_full += held
-        return self.meter.report(self.lengths(), self.seen, kv_bytes, kv_full)
+            keys, values = cache_layer.keys, cache_layer.values
+            yield i, keys.numel() * keys.element_size() + values.numel() * values.element_size(), keys.shape[2]
+
+    def kv_bytes(self) -> int:
+        """Bytes of K and V held now, all layers (sliding-window layers included)."""
+        return sum(held for _, held, _ in self._held())
+
+    def report(self) -> MemoryReport:
+        """The memory report so far (definitions in :mod:`namm.report`)."""
+        kv_full = sum(held // max(n, 1) * self.seen if i in self.positions else held for i, held, n in self._held())
+        return self.meter.report(self.kv_bytes(), kv_full)

@@ -68,23 +68,25 @@ def test_variants_cover_methods_and_budgets():
 
 
 def test_aggregate_and_summary_by_hand():
-    def row(method, task, score, mean_fraction, peak):
+    def row(method, task, score, mean_fraction, peak, peak_bytes=None):
         return {"method": method, "setting": "s", "task": task, "length": 100, "sample_id": "x", "score": score,
-                "mean_fraction": mean_fraction, "peak_fraction": peak, "kv_bytes": 10, "tokens_per_s": 5.0}
+                "mean_fraction": mean_fraction, "peak_fraction": peak, "kv_bytes": 10, "tokens_per_s": 5.0,
+                "peak_kv_bytes": peak_bytes, "kv_bytes_full": 200}
 
-    rows = [row("m", "a", 1.0, 0.5, 0.6), row("m", "a", 0.0, 0.3, 0.9), row("m", "b", 0.5, 0.4, 0.4)]
+    rows = [row("m", "a", 1.0, 0.5, 0.6, 50), row("m", "a", 0.0, 0.3, 0.9, 120), row("m", "b", 0.5, 0.4, 0.4)]
     groups = aggregate(rows)
-    assert [(g["task"], g["n"], g["score"], g["mean_fraction"], g["peak_fraction"]) for g in groups] == [
-        ("a", 2, 50.0, pytest.approx(0.4), 0.9), ("b", 1, 50.0, 0.4, 0.4)]
+    assert [(g["task"], g["n"], g["score"], g["mean_fraction"], g["peak_fraction"], g["peak_kv"]) for g in groups] == [
+        ("a", 2, 50.0, pytest.approx(0.4), 0.9, 0.6), ("b", 1, 50.0, 0.4, 0.4, None)]  # b: no peak bytes recorded
     (s,) = summarize(groups)
     assert s["mean_score"] == 50.0 and s["mean_fraction"] == pytest.approx(0.4) and s["peak_fraction"] == 0.9
+    assert s["peak_kv"] == 0.6  # the largest peak KV over full-cache bytes
 
 
 def test_standard_errors_by_hand():
     scores = {"a": [1.0, 0.0, 1.0, 1.0], "b": [0.2, 0.4, 0.9], "c": [0.5]}
     rows = [{"method": "m", "setting": "keep=0.5", "task": task, "length": 100, "sample_id": str(i), "score": x,
-             "kept_fraction": 0.5, "mean_fraction": 0.6, "peak_fraction": 0.7}
-            for task, xs in scores.items() for i, x in enumerate(xs)]
+             "kept_fraction": 0.5, "mean_fraction": 0.6, "peak_fraction": 1.0, "peak_kv_bytes": 70,
+             "kv_bytes_full": 100} for task, xs in scores.items() for i, x in enumerate(xs)]
     groups = aggregate(rows)
     se = {task: 100 * np.std(xs, ddof=1) / np.sqrt(len(xs)) for task, xs in scores.items() if len(xs) > 1}
     assert [(g["task"], g["n"]) for g in groups] == [("a", 4), ("b", 3), ("c", 1)]

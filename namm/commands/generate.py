@@ -51,10 +51,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"conditions       {format_conditions(conditions)}")
     kept_tokens = sum(r.final_len) / max(len(r.final_len), 1)
     print(f"tokens seen      {r.tokens_seen} ({out.prompt_tokens} prompt + {len(out.token_ids)} generated)")
-    print(f"tokens kept      {kept_tokens:.0f} per layer = {r.kept_fraction:.1%} (mean {r.mean_fraction:.1%}, "
-          f"peak {r.peak_fraction:.1%}); {r.evictions} eviction steps")
+    print(f"tokens kept      {kept_tokens:.0f} per layer = {r.kept_fraction:.1%} at the end "
+          f"(mean {r.mean_fraction:.1%}, peak {r.peak_fraction:.1%}); {r.evictions} eviction steps")
+    print(f"  prefill        {r.prefill.summary()}")
+    print(f"  decode         {r.decode.summary()}")
     print(f"KV cache         {r.kv_bytes / 2**20:.2f} MiB kept vs {r.kv_bytes_full / 2**20:.2f} MiB full "
-          f"({r.kv_bytes / max(r.kv_bytes_full, 1):.1%})")
+          f"({r.kv_bytes / max(r.kv_bytes_full, 1):.1%}); peak {r.peak_kv_bytes / 2**20:.2f} MiB "
+          f"({r.peak_kv_bytes / max(r.kv_bytes_full, 1):.1%} of full)")
     t = out.timings
     print(f"time             {t['total_s']:.1f} s (prefill {t['prefill_s']:.1f} s, decode {t['decode_s']:.1f} s, "
           f"{t['tokens_per_s']:.0f} tokens/s)")

@@ -232,8 +232,8 @@ def _row(variant: Variant, task: str, length: int | None, sample: Sample, out) -
         "answers": sample.answers, "prompt_tokens": out.prompt_tokens, "new_tokens": len(out.token_ids),
         "kept_fraction": report.kept_fraction, "mean_fraction": report.mean_fraction,
         "peak_fraction": report.peak_fraction, "kv_bytes": report.kv_bytes,
-        "kv_bytes_full": report.kv_bytes_full, "tokens_per_s": out.timings.get("tokens_per_s"),
-        "total_s": out.timings.get("total_s"),
+        "kv_bytes_full": report.kv_bytes_full, "peak_kv_bytes": report.peak_kv_bytes,
+        "tokens_per_s": out.timings.get("tokens_per_s"), "total_s": out.timings.get("total_s"),
     }
 
 
