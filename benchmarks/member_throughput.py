@@ -9,7 +9,9 @@ of them (``--members`` x ``--prompts`` prompts of ``--length`` tokens) under
 * the working tree's ``namm`` in several variants (``--variants``): ``fp32`` (code changes only),
   ``fp32+share`` (plus the prompt prefix read once per generation), ``bf16+share`` (plus bfloat16
   weights), ``bf16+share+c512`` (plus 512-token prefill chunks: the schedule
-  ``examples/smollm2-default.toml`` uses; eviction still every ``delay`` tokens).
+  ``examples/smollm2-default.toml`` uses; eviction still every ``delay`` tokens), ``+rayN`` (the
+  members spread over N Ray actors with one torch thread each instead of one process with
+  ``--threads``: ``namm evolve`` with ``backend = "ray"``, ``[ray] actors = N``, ``threads = 1``).
 
 ``--objective loglik`` (default, what the default run optimises) scores the teacher-forced
 likelihood of the answer; ``metric`` generates it greedily.
@@ -93,8 +95,9 @@ def extract(ref: str, into: Path) -> Path:
 class Variant:
     """One way of running members: a namm package, a dtype, prefix sharing on or off."""
 
-    def __init__(self, name: str, modules: dict, args, dtype: str, share: bool, chunk_size: int) -> None:
-        self.name, self.modules, self.share = name, modules, share
+    def __init__(self, name: str, modules: dict, args, dtype: str, share: bool, chunk_size: int,
+                 actors: int = 0) -> None:
+        self.name, self.modules, self.share, self.backend = name, modules, share, None
         with active(modules):
             fitness = modules["namm.evolution.fitness"]
             engine = modules["namm.sequence"].EngineConfig(chunk_size=chunk_size, delay=args.delay)
@@ -109,6 +112,11 @@ class Variant:
                 raise SystemExit(f"{name}: this namm has no prefix sharing")
             self.worker = fitness.WorkerSpec(**spec).build()
             self.prompts = self._prompts(args)
+            if actors:  # the same worker recipe, one torch thread each, in Ray actors
+                from namm.evolution.backends import RayBackend
+                from namm.evolution.config import RayConfig
+
+                self.backend = RayBackend(fitness.WorkerSpec(**{**spec, "threads": 1}), RayConfig(actors=actors))
 
     def _prompts(self, args) -> list:
         prompts_mod, tasks = self.modules["namm.evolution.prompts"], self.modules["namm.tasks"]
@@ -120,6 +128,12 @@ class Variant:
     def generation(self, members: list[np.ndarray]) -> float:
         """Seconds to evaluate every member on every prompt (one generation)."""
         fitness = self.modules["namm.evolution.fitness"]
+        if self.backend is not None:
+            for actor in self.backend.actors:
+                self.backend.ray.get(actor.call.remote("clear_prefixes"))
+            t0 = time.perf_counter()
+            self.backend.run([fitness.Job(i, params, self.prompts) for i, params in enumerate(members)])
+            return time.perf_counter() - t0
         with active(self.modules):
             store = getattr(self.worker.engine, "prefix_store", None)
             if store is not None:
@@ -166,7 +180,8 @@ def main() -> None:
                     help="loglik: teacher-forced answer likelihood (examples/smollm2-default.toml); "
                          "metric: greedy generation of the answer")
     ap.add_argument("--variants", default="fp32,fp32+share,bf16+share,bf16+share+c512",
-                    help="comma-separated: fp32 or bf16, +share (prefix sharing), +cN (prefill chunk N)")
+                    help="comma-separated: fp32 or bf16, +share (prefix sharing), +cN (prefill chunk N), "
+                         "+rayN (N Ray actors x 1 thread)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -179,7 +194,8 @@ def main() -> None:
             parts = name.split("+")
             chunk = next((int(p[1:]) for p in parts if p.startswith("c")), args.chunk_size)
             dtype = "bfloat16" if parts[0] == "bf16" else "float32"
-            variants.append(Variant(name, current, args, dtype, "share" in parts, chunk))
+            actors = next((int(p[3:]) for p in parts if p.startswith("ray")), 0)
+            variants.append(Variant(name, current, args, dtype, "share" in parts, chunk, actors))
         texts = {tuple(p.prompt for p in v.prompts) for v in variants}  # same seed, same prompts
         if len(texts) != 1:
             print("warning: the baseline builds different prompts; timings compare different texts")

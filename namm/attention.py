@@ -9,6 +9,7 @@ queries and its *whole* cache (keys of earlier tokens plus this call's). It
   own window;
 * for layers the policy manages, hands the policy this chunk's attention, query heads averaged per
   KV group, one layer at a time (eager softmax, fp32), so no step ever holds all layers' attention;
+  and, only when asked, this chunk's queries (after RoPE, as the model applied it) and the values;
 * otherwise runs fused SDPA.
 """
 
@@ -28,14 +29,28 @@ ATTN_IMPLEMENTATION = "namm"
 class LayerHook:
     """What the engine wants from each layer during one forward call.
 
-    managed:   layer index -> True when the policy manages (observes and prunes) that layer.
-    observe:   callback(layer, attn (kv_heads, q, K) | None, keys (kv_heads, K, d)).
-    need_attn: whether ``observe`` wants attention weights.
+    managed:      layer index -> True when the policy manages (observes and prunes) that layer.
+    observe:      callback(layer, attn (kv_heads, q, K) | None, keys (kv_heads, K, d), **extras).
+    need_attn:    whether ``observe`` wants attention weights.
+    need_queries: pass ``queries=`` (kv_heads, groups, q, d), this call's queries after RoPE.
+    need_values:  pass ``values=`` (kv_heads, K, d), the layer's values.
     """
 
     managed: frozenset[int]
-    observe: Callable[[int, torch.Tensor | None, torch.Tensor], None]
+    observe: Callable[..., None]
     need_attn: bool = False
+    need_queries: bool = False
+    need_values: bool = False
+
+    def extras(self, query: torch.Tensor, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The optional ``observe`` arguments asked for, from query (1, Hq, q, d), value (1, Hkv, K, d)."""
+        extras = {}
+        if self.need_queries:
+            kv_heads, (_, hq, q_len, dim) = value.shape[1], query.shape
+            extras["queries"] = query[0].view(kv_heads, hq // kv_heads, q_len, dim)
+        if self.need_values:
+            extras["values"] = value[0]
+        return extras
 
 
 def visible_mask(q_len: int, kv_len: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -114,7 +129,7 @@ def namm_attention(
     if managed and hook.need_attn:
         out, probs = _eager(query, key, value, scaling, softcap, groups)
         attn = probs[0].mean(dim=1)  # (kv_heads, q, K): query heads averaged per KV group
-        hook.observe(layer, attn, key[0])
+        hook.observe(layer, attn, key[0], **hook.extras(query, value))
     else:
         if softcap is not None:
             out, _ = _eager(query, key, value, scaling, softcap, groups, window)
@@ -122,7 +137,7 @@ def namm_attention(
             mask = visible_mask(q_len, kv_len, window, query.device)
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
         if managed:
-            hook.observe(layer, None, key[0])
+            hook.observe(layer, None, key[0], **hook.extras(query, value))
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -70,7 +70,7 @@ class Engine:
     # -- building blocks -----------------------------------------------------------------------
     def start(self, policy: MemoryPolicy | None = None) -> MemorySequence:
         """A fresh sequence (empty cache, policy reset). Use inside :meth:`running`."""
-        return MemorySequence(self.model, policy or self.policy or FullCache(), self.config)
+        return MemorySequence(self.model, policy or self.policy or FullCache(), self.config, tokenizer=self.tokenizer)
 
     def running(self):
         """Context manager routing the model's attention through the engine's hook."""

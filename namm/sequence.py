@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from namm.attention import ATTN_IMPLEMENTATION, LayerHook
-from namm.policies.base import CacheSpec, MemoryPolicy
+from namm.policies.base import CacheSpec, MemoryPolicy, SidePass
 from namm.prefix import PrefixStore, prefix_key, restore_snapshot, take_snapshot
 from namm.report import CacheMeter, MemoryReport
 
@@ -48,6 +48,33 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive number of tokens, got {value!r}.")
 
 
+@dataclass(frozen=True)
+class Rope:
+    """The model's rotary embedding as the managed (full-attention) layers apply it, for
+    :attr:`CacheSpec.rope`: ``rope(positions (n,))`` -> cos, sin (n, rotary_dim) float32."""
+
+    embedding: torch.nn.Module
+    layer_type: str | None = None  # Gemma-3 keeps one RoPE per layer type
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = next(self.embedding.buffers()).device
+        probe = torch.zeros(1, dtype=torch.float32, device=device)  # sets the output dtype
+        extra = (self.layer_type,) if self.layer_type is not None else ()
+        with torch.no_grad():
+            cos, sin = self.embedding(probe, positions.to(device)[None], *extra)
+        return cos[0].float(), sin[0].float()
+
+
+def rotary_embedding(model) -> Rope | None:
+    """The model's :class:`Rope`, or None if it has no ``rotary_emb`` module where transformers puts it."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    embedding = getattr(decoder, "rotary_emb", None)
+    if embedding is None or next(embedding.buffers(), None) is None:
+        return None
+    typed = "layer_type" in inspect.signature(embedding.forward).parameters
+    return Rope(embedding, "full_attention" if typed else None)
+
+
 def cache_spec(model) -> CacheSpec:
     """Which layers a policy manages: all but those with their own sliding window."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -56,7 +83,8 @@ def cache_spec(model) -> CacheSpec:
     managed = tuple(i for i, t in enumerate(layer_types) if t == "full_attention")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return CacheSpec(num_layers=n_layers, managed_layers=managed, kv_heads=kv_heads, head_dim=head_dim)
+    return CacheSpec(num_layers=n_layers, managed_layers=managed, kv_heads=kv_heads, head_dim=head_dim,
+                     rope=rotary_embedding(model))
 
 
 def cache_argument(model) -> str:
@@ -80,10 +108,14 @@ def namm_attention_installed(model):
 
 
 class MemorySequence:
-    """The state of one sequence: feed tokens, get logits; the policy prunes on schedule."""
+    """The state of one sequence: feed tokens, get logits; the policy prunes on schedule.
 
-    def __init__(self, model, policy: MemoryPolicy, config: EngineConfig):
-        self.model, self.policy, self.config = model, policy, config
+    ``tokenizer`` is handed to policies that run a side pass (KVzip builds its repeat prompt with
+    it); ``side_tokens`` counts the tokens such passes ran.
+    """
+
+    def __init__(self, model, policy: MemoryPolicy, config: EngineConfig, tokenizer=None):
+        self.model, self.policy, self.config, self.tokenizer = model, policy, config, tokenizer
         self.spec = cache_spec(model)
         self.device = next(model.parameters()).device
         self.cache = DynamicCache(config=model.config)
@@ -99,7 +131,14 @@ class MemorySequence:
             managed=frozenset(self.spec.managed_layers),
             observe=self._observe,
             need_attn=bool(policy.needs_attention),
+            need_queries=bool(getattr(policy, "needs_queries", False)),
+            need_values=bool(getattr(policy, "needs_values", False)),
         )
+        self.side_tokens = 0
+        # ids and positions of the tokens some managed layer still holds, for side passes only
+        self._side = bool(getattr(policy, "needs_side_pass", False))
+        self._ids = torch.empty(0, dtype=torch.long, device=self.device)
+        self._id_positions = torch.empty(0, dtype=torch.long, device=self.device)
         policy.reset(self.spec)
 
     # -- feeding -------------------------------------------------------------------------------
@@ -120,7 +159,7 @@ class MemorySequence:
             if snap is not None:
                 outputs.append(restore_snapshot(self, snap)[None])
                 done = n_prefix
-                self._evict_on_grid(end_of_prompt)
+                self._evict_on_grid(end_of_prompt, end_of_prompt and done == ids.numel())
             elif key is not None:
                 pending = (key, n_prefix)
         for start, stop in list(self._chunks(ids.numel() - done)):
@@ -128,17 +167,17 @@ class MemorySequence:
             outputs.append(logits)
             if pending is not None and self.seen == pending[1]:
                 prefix_store.put(pending[0], take_snapshot(self, logits[-1]))
-            self._evict_on_grid(end_of_prompt)
+            self._evict_on_grid(end_of_prompt, end_of_prompt and done + stop == ids.numel())
         if end_of_prompt and self.config.evict_at_prefill_end:
             if self.seen % self.config.delay != 0 or not self.config.evict_during_prefill:
-                self.evict()
+                self.evict(prompt_end=True)
         if end_of_prompt:
             self.meter.end_prompt()
         return torch.cat(outputs, dim=0) if all_logits else outputs[-1][-1]
 
-    def _evict_on_grid(self, end_of_prompt: bool) -> None:
+    def _evict_on_grid(self, end_of_prompt: bool, prompt_end: bool) -> None:
         if self.seen % self.config.delay == 0 and (self.config.evict_during_prefill or not end_of_prompt):
-            self.evict()
+            self.evict(prompt_end=prompt_end)
 
     def first_eviction_point(self, n: int, end_of_prompt: bool) -> int:
         """Tokens of an ``n``-token feed read before its first eviction step (from an empty cache)."""
@@ -171,21 +210,57 @@ class MemorySequence:
                 **{self._cache_arg: self.cache},
             )
         self.seen += n
+        if self._side:
+            self._ids, self._id_positions = torch.cat([self._ids, ids]), torch.cat([self._id_positions, pos])
         self.meter.after_forward(self.lengths(), n, self.seen, self.kv_bytes())
         return out.logits[0].float()
 
-    def _observe(self, layer: int, attn: torch.Tensor | None, keys: torch.Tensor) -> None:
+    def _observe(self, layer: int, attn: torch.Tensor | None, keys: torch.Tensor, **extras: torch.Tensor) -> None:
         positions = self.positions[layer]
         if keys.shape[1] != positions.shape[1]:
             raise RuntimeError(
                 f"layer {layer}: cache holds {keys.shape[1]} keys but {positions.shape[1]} positions are tracked; "
                 "the model's cache is not the engine's (is another cache or generate() in use?)"
             )
-        self.policy.observe(layer, attn, keys, positions)
+        self.policy.observe(layer, attn, keys, positions, **extras)
+
+    # -- side passes (policies with needs_side_pass) ---------------------------------------------
+    def side_pass(self, prompt_end: bool) -> SidePass:
+        """The :class:`SidePass` of this eviction step: the tokens still held, and a runner."""
+        return SidePass(token_ids=self._ids, token_positions=self._id_positions, prompt_end=prompt_end,
+                        tokenizer=self.tokenizer, run=self._side_forward)
+
+    def _side_forward(self, ids: torch.Tensor, observe) -> None:
+        """Run ``ids`` after the cache with ``observe(layer, queries, keys)`` on every managed layer,
+        then put every cache layer back as it was (the forward only appends, by ``torch.cat``, so
+        the saved tensors are untouched): no trace in the cache, positions, ``seen`` or meter."""
+        ids = ids.reshape(-1).to(self.device)
+        pos = torch.arange(self.seen, self.seen + ids.numel(), device=self.device)
+        hook = LayerHook(managed=self.hook.managed, need_queries=True,
+                         observe=lambda layer, attn, keys, queries: observe(layer, queries, keys))
+        saved = [dict(layer.__dict__) for layer in self.cache.layers]
+        try:
+            with torch.inference_mode():
+                self.model(input_ids=ids[None], position_ids=pos[None], use_cache=True, logits_to_keep=1,
+                           namm_hook=hook, **{self._cache_arg: self.cache})
+        finally:
+            for layer, state in zip(self.cache.layers, saved):
+                layer.__dict__.clear()
+                layer.__dict__.update(state)
+        self.side_tokens += ids.numel()
+
+    def _forget_evicted_ids(self) -> None:
+        """Keep the ids of the tokens some managed layer still holds."""
+        held = torch.cat([p.reshape(-1) for p in self.positions.values()])
+        keep = torch.isin(self._id_positions, held)
+        self._ids, self._id_positions = self._ids[keep], self._id_positions[keep]
 
     # -- eviction ------------------------------------------------------------------------------
-    def evict(self) -> None:
-        """Ask the policy which tokens each managed layer keeps and shrink the cache to them."""
+    def evict(self, prompt_end: bool = False) -> None:
+        """Ask the policy which tokens each managed layer keeps and shrink the cache to them.
+        ``prompt_end``: this is the eviction step that ends the prompt (told to side passes)."""
+        if self._side:
+            self.policy.side_pass(self.side_pass(prompt_end))
         self.policy.begin_eviction()
         chosen: dict[int, torch.Tensor] = {}
         for layer in self.spec.managed_layers:
@@ -201,6 +276,8 @@ class MemorySequence:
             cache_layer.values = cache_layer.values.gather(2, gather)
             self.positions[layer] = self.positions[layer].gather(1, idx)
             kept[layer] = self.positions[layer]
+        if self._side:
+            self._forget_evicted_ids()
         self.meter.after_eviction(self.lengths())
         if self.config.record_evictions:
             self.eviction_log.append((self.seen, {k: v.clone() for k, v in kept.items()}))

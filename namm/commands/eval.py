@@ -16,7 +16,7 @@ The final results (held-out test split; seed 7: the evolution trains on the trai
 evaluates its mean on seeds offset by 1,000,000, so these samples are never seen)::
 
     namm eval --model smollm2 --methods full,namm,h2o,snapkv,tova,streaming,pyramidkv,l2 \\
-        --namm smollm2 --match-namm --keep-ratios 0.25,0.5 \\
+        --namm smollm2 --match-namm --keep-ratios 0.25,0.35,0.5 \\
         --tasks passkey,niah_single,niah_multikey,kv_retrieval --lengths 1024 --limit 32 --seed 7 \\
         --split test --dtype bfloat16 --out docs/results/smollm2-namm
 
@@ -79,7 +79,8 @@ def add_parser(sub) -> None:
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(
-        model=args.model, tasks=args.tasks, lengths=args.lengths, methods=[m.lower() for m in args.methods],
+        model=args.model, tasks=args.tasks, lengths=args.lengths,
+        methods=[m.lower().replace("_", "-") for m in args.methods],
         keep_ratios=args.keep_ratios, budgets=args.budgets, limit=args.limit, out=args.out, seed=args.seed,
         split=args.split, filler=args.filler, chunk_size=args.chunk_size, delay=args.delay,
         evict_at_prefill_end=args.evict_at_prefill_end, evict_during_prefill=args.evict_during_prefill,

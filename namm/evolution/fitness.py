@@ -162,6 +162,11 @@ class Worker:
     def num_params(self) -> int:
         return self.namm.num_params
 
+    def clear_prefixes(self) -> None:
+        """Forget the shared prompt prefixes (benchmarks: every timed generation pays for its own)."""
+        if self.engine.prefix_store is not None:
+            self.engine.prefix_store.clear()
+
     def build_pools(self, config):
         """The run's prompt pools, built with this worker's tokenizer."""
         from namm.evolution.prompts import PromptPools

@@ -1,16 +1,19 @@
 """KV-cache memory policies: the NAMM and the hand-designed baselines, behind one interface.
 
 ``make_policy(name, **kwargs)`` builds a policy from its registered name; each module registers
-its class in ``POLICIES`` below.
+its class in ``POLICIES`` below. Keys are lower case with "-" between words ("expected-attention");
+``make_policy`` also accepts "_" ("expected_attention") and any case.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from namm.policies.base import BudgetMixin, CacheSpec, MemoryPolicy, topk_indices
+from namm.policies.base import BudgetMixin, CacheSpec, MemoryPolicy, SidePass, topk_indices
+from namm.policies.expected_attention import ExpectedAttention
 from namm.policies.full import FullCache
 from namm.policies.h2o import H2O
+from namm.policies.kvzip import KVzip
 from namm.policies.l2 import KeyNorm
 from namm.policies.namm import NAMMPolicy
 from namm.policies.pyramidkv import PyramidKV
@@ -29,6 +32,8 @@ POLICIES: dict[str, type[MemoryPolicy]] = {
     "snapkv": SnapKV,
     "tova": TOVA,
     "pyramidkv": PyramidKV,
+    "expected-attention": ExpectedAttention,
+    "kvzip": KVzip,
     "namm": NAMMPolicy,
 }
 
@@ -48,12 +53,15 @@ __all__ = [
     "TOVA",
     "BudgetMixin",
     "CacheSpec",
+    "ExpectedAttention",
     "FullCache",
+    "KVzip",
     "KeyNorm",
     "MemoryPolicy",
     "PyramidKV",
     "RandomPolicy",
     "Recency",
+    "SidePass",
     "SnapKV",
     "StreamingLLM",
     "make_policy",

@@ -8,6 +8,11 @@ A policy is stateful per sequence. The engine calls, for every layer it manages:
   of all layers at once there, e.g. one batched scorer call);
 * ``select(layer)`` at an eviction step, which returns the indices of the cached tokens to keep.
 
+Policies that need more than attention and keys opt in with class flags, so the others pay
+nothing: ``needs_attention`` (attention weights), ``needs_queries`` / ``needs_values`` (extra
+keyword arguments of ``observe``) and ``needs_side_pass`` (an extra forward before each eviction
+step whose KV is discarded, :class:`SidePass`).
+
 The policy prunes its own per-token state with the indices it returns, so its state always lines
 up with the cache the engine holds.
 """
@@ -15,8 +20,8 @@ up with the cache the engine holds.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Hashable
+from dataclasses import dataclass, field
+from typing import Callable, Hashable
 
 import torch
 
@@ -33,6 +38,33 @@ class CacheSpec:
     managed_layers: tuple[int, ...]
     kv_heads: int
     head_dim: int
+    #: rope(positions (n,)) -> cos, sin (n, rotary_dim) float32: the rotary embedding the managed
+    #: layers apply at those absolute positions (q_rot = q * cos + rotate_half(q) * sin on the first
+    #: rotary_dim dims); None when the engine cannot provide it
+    rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = field(
+        default=None, compare=False, repr=False)
+
+
+@dataclass
+class SidePass:
+    """What the engine hands a policy with ``needs_side_pass`` before each eviction step.
+
+    token_ids:       (n,) int64 ids of the tokens that some managed layer still caches, oldest first.
+    token_positions: (n,) int64 their absolute positions.
+    prompt_end:      True at the eviction step that ends the prompt.
+    tokenizer:       the engine's tokenizer, or None.
+    run:             ``run(ids, observe)`` feeds ``ids`` (m,) after the cache at the next m positions;
+                     every managed layer calls ``observe(layer, queries, keys)`` with its queries after
+                     RoPE, (kv_heads, groups, m, head_dim), and its keys, (kv_heads, cache_len + m,
+                     head_dim), cached keys first; then the cache is put back as it was, so the pass
+                     leaves no trace in the cache, the positions or the memory report.
+    """
+
+    token_ids: torch.Tensor
+    token_positions: torch.Tensor
+    prompt_end: bool
+    tokenizer: object | None
+    run: Callable[[torch.Tensor, Callable[[int, torch.Tensor, torch.Tensor], None]], None]
 
 
 class MemoryPolicy:
@@ -40,10 +72,16 @@ class MemoryPolicy:
 
     Subclasses set ``needs_attention = True`` when ``observe`` must receive attention weights
     (the engine then computes eager attention for managed layers; otherwise ``attn`` is None and
-    the engine uses a fused kernel).
+    the engine uses a fused kernel), ``needs_queries`` / ``needs_values`` when ``observe`` must
+    receive this call's queries / the cached values (keyword arguments ``queries`` and ``values``,
+    passed only to policies that ask), and ``needs_side_pass`` when ``side_pass`` must run before
+    each eviction step.
     """
 
     needs_attention: bool = False
+    needs_queries: bool = False
+    needs_values: bool = False
+    needs_side_pass: bool = False
     name: str = "policy"
 
     def reset(self, spec: CacheSpec) -> None:
@@ -56,6 +94,7 @@ class MemoryPolicy:
         attn: torch.Tensor | None,
         keys: torch.Tensor,
         positions: torch.Tensor,
+        **extras: torch.Tensor,
     ) -> None:
         """See one layer after a forward call.
 
@@ -64,7 +103,13 @@ class MemoryPolicy:
                    key is in the causal future of a query. None unless ``needs_attention``.
         keys:      (kv_heads, cache_len, head_dim) cached keys (after RoPE), new tokens last.
         positions: (kv_heads, cache_len) int64 absolute position of each cached token.
+        extras:    only for policies that ask: ``queries`` (kv_heads, groups, new_queries, head_dim),
+                   this call's queries after RoPE (query head ``h * groups + g`` reads KV head h),
+                   if ``needs_queries``; ``values`` (kv_heads, cache_len, head_dim) if ``needs_values``.
         """
+
+    def side_pass(self, side: SidePass) -> None:
+        """Called before ``begin_eviction`` at every eviction step when ``needs_side_pass``."""
 
     def describe_keep(self) -> str:
         """The keep rule in words, for reports: "budget 256", "keep_ratio 0.25" or "all"."""

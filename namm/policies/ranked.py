@@ -45,12 +45,15 @@ class RankedPolicy(BudgetMixin, MemoryPolicy):
         super().reset(spec)
         self._positions: dict[int, torch.Tensor] = {}  # layer -> (kv_heads, cache_len)
 
-    def observe(self, layer: int, attn: torch.Tensor | None, keys: torch.Tensor, positions: torch.Tensor) -> None:
+    def observe(self, layer: int, attn: torch.Tensor | None, keys: torch.Tensor, positions: torch.Tensor,
+                **extras: torch.Tensor) -> None:
         self._positions[layer] = positions
-        self.update(layer, attn, keys, positions)
+        self.update(layer, attn, keys, positions, **extras)
 
-    def update(self, layer: int, attn: torch.Tensor | None, keys: torch.Tensor, positions: torch.Tensor) -> None:
-        """Fold one forward call into the per-token state (default: none kept)."""
+    def update(self, layer: int, attn: torch.Tensor | None, keys: torch.Tensor, positions: torch.Tensor,
+               **extras: torch.Tensor) -> None:
+        """Fold one forward call into the per-token state (default: none kept); ``extras`` holds
+        ``queries`` / ``values`` for policies that set ``needs_queries`` / ``needs_values``."""
 
     def scores(self, layer: int, n_keep: int) -> torch.Tensor:
         raise NotImplementedError

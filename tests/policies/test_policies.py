@@ -2,7 +2,8 @@
 
 A small fake engine feeds each policy the calls the real engine makes (chunked prefill, then one
 token per decoding step, eviction every ``delay`` tokens and at the end of the prompt) with random
-keys and causal attention, and records the whole history by absolute position. Each policy's
+keys, queries, values and causal attention, runs the side pass of policies that ask for one with
+random repeat queries and keys, and records the whole history by absolute position. Each policy's
 choice is then compared with its rule computed directly from that history.
 """
 
@@ -15,11 +16,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from namm.policies import POLICIES, CacheSpec, make_policy, topk_indices
+from namm.models import byte_tokenizer
+from namm.policies import POLICIES, BudgetMixin, CacheSpec, SidePass, make_policy, topk_indices
 from namm.policies.pyramidkv import pyramid_budgets
 
-SPEC = CacheSpec(num_layers=3, managed_layers=(0, 1, 2), kv_heads=2, head_dim=8)
+
+def standard_rope(positions: torch.Tensor, dim: int = 8, theta: float = 10000.0):
+    """cos, sin (n, dim) of Llama's RoPE at ``positions`` (n,)."""
+    freqs = positions.double()[:, None] / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+SPEC = CacheSpec(num_layers=3, managed_layers=(0, 1, 2), kv_heads=2, head_dim=8, rope=standard_rope)
+GROUPS = 2  # query heads per KV head
 PROMPT, DECODE, CHUNK, DELAY = 150, 45, 32, 64
+TOKENIZER = byte_tokenizer()
 
 
 @dataclass
@@ -39,8 +56,16 @@ class Step:
 @dataclass
 class History:
     attn: torch.Tensor  # (layers, kv_heads, tokens, tokens) every attention row fed, by position
-    norms: torch.Tensor  # (layers, kv_heads, tokens) key norm of every token
+    keys: torch.Tensor  # (layers, kv_heads, tokens, head_dim) key of every token
+    queries: torch.Tensor  # (layers, kv_heads, groups, tokens, head_dim) query of every token, before RoPE
+    values: torch.Tensor  # (layers, kv_heads, tokens, head_dim) value of every token
     steps: list[Step]
+    # tokens seen -> one (repeat ids, [(queries, keys) per layer]) per side-pass run of that step
+    side: dict[int, list[tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]]] = field(default_factory=dict)
+
+    @property
+    def norms(self) -> torch.Tensor:  # (layers, kv_heads, tokens)
+        return self.keys.norm(dim=-1)
 
 
 def call_sizes() -> list[int]:
@@ -49,13 +74,40 @@ def call_sizes() -> list[int]:
     return [b - a for a, b in zip(cuts, cuts[1:])] + [1] * DECODE
 
 
+def gather_tokens(per_token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """(kv_heads, tokens, d) -> (kv_heads, cache_len, d) at the cached positions (kv_heads, cache_len)."""
+    return per_token.gather(1, pos[..., None].expand(-1, -1, per_token.shape[-1]))
+
+
+def fake_side_pass(policy, history: History, positions: list[torch.Tensor], ids_all: torch.Tensor, seen: int,
+                   gen: torch.Generator) -> None:
+    """What the engine's side pass hands the policy: held tokens and a runner with random repeat
+    queries and keys appended after each layer's cached keys (recorded in ``history.side``)."""
+    held = torch.unique(torch.cat([p.reshape(-1) for p in positions]))
+
+    def run(ids: torch.Tensor, observe) -> None:
+        m, per_layer = ids.numel(), []
+        for layer, pos in enumerate(positions):
+            queries = torch.randn(SPEC.kv_heads, GROUPS, m, SPEC.head_dim, generator=gen) * 2
+            repeat = torch.randn(SPEC.kv_heads, m, SPEC.head_dim, generator=gen)
+            keys = torch.cat([gather_tokens(history.keys[layer], pos), repeat], dim=1)
+            observe(layer, queries, keys)
+            per_layer.append((queries, keys))
+        history.side.setdefault(seen, []).append((ids.clone(), per_layer))
+
+    policy.side_pass(SidePass(ids_all[held], held, seen == PROMPT, TOKENIZER, run))
+
+
 def drive(policy, seed: int = 0) -> History:
     gen = torch.Generator().manual_seed(seed)
     total, heads, dim = PROMPT + DECODE, SPEC.kv_heads, SPEC.head_dim
     layers = len(SPEC.managed_layers)
     scale = torch.rand(layers, heads, total, 1, generator=gen)  # spread the key norms
     keys_all = torch.randn(layers, heads, total, dim, generator=gen) * scale
-    history = History(torch.zeros(layers, heads, total, total), keys_all.norm(dim=-1), [])
+    queries_all = torch.randn(layers, heads, GROUPS, total, dim, generator=gen) + torch.randn(layers, heads, GROUPS, 1, dim, generator=gen)
+    values_all = torch.randn(layers, heads, total, dim, generator=gen) * torch.rand(layers, heads, total, 1, generator=gen)
+    ids_all = torch.randint(0, 256, (total,), generator=gen)
+    history = History(torch.zeros(layers, heads, total, total), keys_all, queries_all, values_all, [])
     positions = [torch.empty(heads, 0, dtype=torch.long) for _ in range(layers)]
     policy.reset(SPEC)
     seen = 0
@@ -63,15 +115,22 @@ def drive(policy, seed: int = 0) -> History:
         new = torch.arange(seen, seen + n).expand(heads, -1)
         for layer in range(layers):
             pos = positions[layer] = torch.cat([positions[layer], new], dim=-1)
-            keys = keys_all[layer].gather(1, pos[..., None].expand(-1, -1, dim))
+            keys = gather_tokens(keys_all[layer], pos)
             logits = torch.randn(heads, n, pos.shape[-1], generator=gen) * 3
             causal = pos[:, None, :] <= new[:, :, None]
             attn = logits.masked_fill(~causal, -math.inf).softmax(-1)
             for h in range(heads):
                 history.attn[layer, h, seen : seen + n, pos[h]] = attn[h]
-            policy.observe(layer, attn if policy.needs_attention else None, keys, pos)
+            extras = {}
+            if policy.needs_queries:  # after RoPE, as the engine hands them over
+                extras["queries"] = rotate(queries_all[layer, :, :, seen : seen + n], *standard_rope(new[0]))
+            if policy.needs_values:
+                extras["values"] = gather_tokens(values_all[layer], pos)
+            policy.observe(layer, attn if policy.needs_attention else None, keys, pos, **extras)
         seen += n
         if seen % DELAY == 0 or seen == PROMPT:
+            if policy.needs_side_pass:
+                fake_side_pass(policy, history, positions, ids_all, seen, gen)
             for layer in range(layers):
                 keep = policy.select(layer)
                 history.steps.append(Step(layer, seen, positions[layer], keep))
@@ -120,6 +179,60 @@ def rule_snapkv(h: History, s: Step, n: int, window: int = 8) -> torch.Tensor:
     return keep_top(s.positions, scores, n)
 
 
+def rule_expected_attention(h: History, s: Step, n: int, n_sink: int = 4, n_future: int = 512) -> torch.Tensor:
+    """kvpress's ExpectedAttentionPress on the queries read since the previous eviction step."""
+    previous = max([t.seen for t in h.steps if t.layer == s.layer and t.seen < s.seen], default=0)
+    queries = h.queries[s.layer, :, :, max(previous, n_sink) : s.seen].double()  # (kv_heads, groups, N, d)
+    mu = queries.mean(2)
+    centered = queries - mu[:, :, None]
+    cov = centered.transpose(-1, -2) @ centered / queries.shape[2]
+    cos, sin = (x.double() for x in standard_rope(torch.arange(s.seen, s.seen + n_future)))
+    d = SPEC.head_dim
+    swap = torch.zeros(d, d, dtype=torch.float64)  # rotate_half as a matrix
+    swap[d // 2 :, : d // 2], swap[: d // 2, d // 2 :] = torch.eye(d // 2), -torch.eye(d // 2)
+    rotation = torch.stack([torch.diag(c) + torch.diag(si) @ swap for c, si in zip(cos, sin)]).mean(0)
+    mu, cov = mu @ rotation.T, rotation @ cov @ rotation.T
+    keys = gather_tokens(h.keys[s.layer], s.positions).double()  # (kv_heads, cache_len, d)
+    logits = torch.einsum("hgd,hkd->hgk", mu, keys) / math.sqrt(d)
+    logits += torch.einsum("hkd,hgde,hke->hgk", keys, cov, keys) / (2 * d)
+    sink = s.positions < n_sink
+    expected = logits.masked_fill(sink[:, None], -math.inf).softmax(-1).mean(1)
+    scores = expected * gather_tokens(h.values[s.layer], s.positions).double().norm(dim=-1)
+    scores[sink] = math.inf
+    return keep_top(s.positions, scores, n)
+
+
+def kvzip_scores(h: History, s: Step, chunk_size: int = 24, n_sink: int = 4) -> torch.Tensor:
+    """(kv_heads, cache_len): the max attention of each chunk's repeat queries over the group's heads,
+    softmax over the sinks, the chunk's cached keys and the repeat keys (causal); sinks +inf."""
+    held = torch.unique(torch.cat([t.positions.reshape(-1) for t in h.steps if t.seen == s.seen]))
+    runs = h.side[s.seen]
+    assert len(runs) == len(held.split(chunk_size))
+    scores = torch.full(s.positions.shape, math.nan, dtype=torch.float64)
+    for chunk, (ids, per_layer) in zip(held.split(chunk_size), runs):
+        queries, keys = (x.double() for x in per_layer[s.layer])
+        m, cache_len = queries.shape[2], s.positions.shape[-1]
+        in_chunk = (s.positions >= chunk[0]) & (s.positions <= chunk[-1])
+        hidden = torch.zeros(SPEC.kv_heads, m, cache_len + m, dtype=torch.bool)
+        hidden[:, :, :cache_len] = ~(in_chunk | (s.positions < n_sink))[:, None, :]
+        hidden[:, :, cache_len:] = torch.ones(m, m, dtype=torch.bool).triu(1)
+        logits = torch.einsum("hgqd,hkd->hgqk", queries, keys) / math.sqrt(SPEC.head_dim)
+        probs = logits.masked_fill(hidden[:, None], -math.inf).softmax(-1)
+        best = probs[..., :cache_len].amax(dim=(1, 2))
+        scores[in_chunk] = best[in_chunk]
+    assert not scores.isnan().any()
+    scores[s.positions < n_sink] = math.inf
+    return scores
+
+
+def rule_kvzip(h: History, s: Step, n: int) -> torch.Tensor:
+    return keep_top(s.positions, kvzip_scores(h, s), n)
+
+
+def sinks(s: Step, n: int, n_sink: int = 4) -> set[int]:
+    return {p for p in s.positions[0].tolist() if p < n_sink}
+
+
 def budget_of(kwargs: dict, seen: int) -> int:
     return kwargs["budget"] if "budget" in kwargs else math.ceil(kwargs["keep_ratio"] * seen)
 
@@ -141,6 +254,8 @@ CASES = {
     "snapkv": ({"window": 8}, rule_snapkv, lambda s, n: newest(s.positions, min(8, n))),
     "tova": ({}, rule_tova, lambda s, n: set()),
     "pyramidkv": ({"window": 8}, rule_snapkv, lambda s, n: newest(s.positions, min(8, n))),
+    "expected-attention": ({}, rule_expected_attention, sinks),
+    "kvzip": ({"chunk_size": 24}, rule_kvzip, sinks),
 }
 
 
@@ -168,9 +283,14 @@ def test_policy(name: str, budget: dict) -> None:
 
 
 def test_registry_names() -> None:
-    for name in CASES:
-        assert POLICIES[name].name == name
-        assert make_policy(name.upper(), budget=8).name == name
+    """Every registered policy answers to its key (any case, "_" for "-"), and every budget policy
+    has a rule in CASES, so none skips the checks above."""
+    for name, cls in POLICIES.items():
+        assert cls.name == name
+        if issubclass(cls, BudgetMixin):
+            assert name in CASES, f"{name}: add its rule to CASES"
+            assert make_policy(name.upper().replace("-", "_"), budget=8).name == name
+    assert set(CASES) <= set(POLICIES)
 
 
 @pytest.mark.parametrize(
@@ -215,7 +335,10 @@ def test_bad_budget(name: str, kwargs: dict) -> None:
     "name, kwargs",
     [("streaming", {"n_sink": -1}), ("h2o", {"recent_ratio": 1.5}), ("l2", {"n_recent": -1}),
      ("snapkv", {"window": 0}), ("snapkv", {"kernel_size": 4}), ("snapkv", {"pooling": "mean"}),
-     ("pyramidkv", {"beta": 0.5}), ("random", {"seed": "x"})],
+     ("pyramidkv", {"beta": 0.5}), ("random", {"seed": "x"}),
+     ("expected-attention", {"n_future_positions": 0}), ("expected-attention", {"n_sink": -1}),
+     ("expected-attention", {"epsilon": -1.0}), ("kvzip", {"chunk_size": 0}), ("kvzip", {"prev_postfix_size": -1}),
+     ("kvzip", {"n_sink": 1.5})],
 )
 def test_bad_hyperparameters(name: str, kwargs: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
@@ -253,6 +376,30 @@ def test_h2o_accumulates_across_evictions_and_decoding() -> None:
     # decoding alone would keep {5, 6}; with the prefill carried over, 1 (4.4 + 0.02) stays and
     # 6 (0.15 + 1.6) overtakes 5 (1.1 + 0.3)
     assert [cache[i] for i in keep] == [1, 6, 8, 9]
+
+
+def test_kvzip_once_at_prompt_end() -> None:
+    """every_step=False: one repeat pass, at the prompt's end; before it the prompt is read as
+    StreamingLLM would, after it tokens read later rank above the scored ones, newest first."""
+    history = drive(make_policy("kvzip", keep_ratio=0.3, every_step=False, chunk_size=24))
+    assert list(history.side) == [PROMPT]
+    at_end = {s.layer: s for s in history.steps if s.seen == PROMPT}
+    for s in history.steps:
+        n = layer_budget("kvzip", {"keep_ratio": 0.3}, s)
+        if s.seen < PROMPT:
+            expected = rule_streaming(history, s, n)
+        elif s.seen == PROMPT:
+            expected = rule_kvzip(history, s, n)
+        else:
+            end = at_end[s.layer]
+            scored = kvzip_scores(history, end)
+            later = 1.0 + torch.arange(s.positions.shape[-1], dtype=torch.float64) / s.positions.shape[-1]
+            scores = torch.stack([
+                torch.tensor([scored[h][end.positions[h] == p].item() if p < PROMPT else later[i].item()
+                              for i, p in enumerate(s.positions[h].tolist())])
+                for h in range(SPEC.kv_heads)])
+            expected = keep_top(s.positions, scores, n)
+        assert torch.equal(s.kept, expected), s.seen
 
 
 @pytest.fixture(scope="module")
