@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 OnEvent = Callable[[str, dict[str, Any]], None]  # (kind, data): progress for a display
 
+# where and how the run executes, not what it computes (same seed, same result on every backend):
+# a run may resume with other values, e.g. on a bigger machine or with Ray
+EXECUTION_KEYS = frozenset({"output_dir", "backend", "ray", "threads"})
+
 
 class EvolutionRun:
     """Run (or resume) the evolution described by ``config`` in ``config.output_dir``.
@@ -81,7 +85,7 @@ class EvolutionRun:
         saved = json.loads(saved_path.read_text())
         current = json.loads(json.dumps(self.config.to_dict(), sort_keys=True, default=str))
         differ = sorted(k for k in set(saved) | set(current)
-                        if k != "output_dir" and saved.get(k) != current.get(k))
+                        if k not in EXECUTION_KEYS and saved.get(k) != current.get(k))
         if differ:
             raise ValueError(f"--resume with a config that differs from the run's saved config in {differ}; "
                              f"resume with {saved_path} or start a new run with --out.")

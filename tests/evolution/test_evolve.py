@@ -76,6 +76,10 @@ def test_evolve_writes_log_plot_and_loadable_checkpoints(tmp_path, tiny_dict, wr
     before = trajectory(run)
     assert main(["evolve", str(cfg), "--out", str(run), "--resume", "--quiet"]) == 0
     assert trajectory(run) == before
+    # where it runs is not what it computes: other threads / backend settings may resume it
+    elsewhere = write_toml(tmp_path / "threads.toml", tiny_dict(tmp_path / "unused", threads=1))
+    assert main(["evolve", str(elsewhere), "--out", str(run), "--resume", "--quiet"]) == 0
+    assert trajectory(run) == before
 
 
 def test_metric_fitness_generates_and_scores(tmp_path, tiny_config):
