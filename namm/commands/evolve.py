@@ -31,6 +31,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("config", help="the run's TOML file (see examples/smollm2-default.toml)")
     p.add_argument("--resume", action="store_true", help="continue the run in its output folder")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (overrides output_dir in the file)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads per worker (overrides the file; 1 when other jobs share the cores: two "
+                        "threads on a contended core wait on each other)")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no live progress display")
     p.set_defaults(func=run)
 
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     display = None if quiet else LiveDisplay()
     try:
         state = run_from_file(args.config, output_dir=args.out, resume=args.resume,
-                              on_event=display.event if display else _log_event)
+                              on_event=display.event if display else _log_event, threads=args.threads)
     finally:
         if display:
             display.stop()

@@ -241,8 +241,13 @@ class EvolutionRun:
 
 
 def run_from_file(path: str | Path, output_dir: str | Path | None = None, resume: bool = False,
-                  on_event: OnEvent | None = None) -> dict[str, Any]:
-    """Load a run's TOML file and run it (what ``namm evolve CONFIG`` does)."""
+                  on_event: OnEvent | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Load a run's TOML file and run it (what ``namm evolve CONFIG`` does); ``threads`` overrides
+    the file's torch threads per worker (an execution setting: a run may resume with another)."""
     config = load_config(path, output_dir)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be a positive integer, got {threads}.")
+        config.threads = threads
     return EvolutionRun(config, resume=resume, on_event=on_event, config_text=Path(path).read_text()).run()
 

@@ -79,6 +79,8 @@ def test_evolve_writes_log_plot_and_loadable_checkpoints(tmp_path, tiny_dict, wr
     # where it runs is not what it computes: other threads / backend settings may resume it
     elsewhere = write_toml(tmp_path / "threads.toml", tiny_dict(tmp_path / "unused", threads=1))
     assert main(["evolve", str(elsewhere), "--out", str(run), "--resume", "--quiet"]) == 0
+    assert main(["evolve", str(cfg), "--out", str(run), "--resume", "--threads", "1", "--quiet"]) == 0
+    assert json.loads((run / "config.json").read_text())["threads"] == 1
     assert trajectory(run) == before
 
 
