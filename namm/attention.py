@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from namm.profiling import NULL_TIMER
+
 ATTN_IMPLEMENTATION = "namm"
 
 
@@ -34,6 +36,7 @@ class LayerHook:
     need_attn:    whether ``observe`` wants attention weights.
     need_queries: pass ``queries=`` (kv_heads, groups, q, d), this call's queries after RoPE.
     need_values:  pass ``values=`` (kv_heads, K, d), the layer's values.
+    timer:        :mod:`namm.profiling` timer of the "attention read" section (a no-op by default).
     """
 
     managed: frozenset[int]
@@ -41,6 +44,7 @@ class LayerHook:
     need_attn: bool = False
     need_queries: bool = False
     need_values: bool = False
+    timer: Callable = NULL_TIMER  # times the "attention read" (namm.profiling)
 
     def extras(self, query: torch.Tensor, value: torch.Tensor) -> dict[str, torch.Tensor]:
         """The optional ``observe`` arguments asked for, from query (1, Hq, q, d), value (1, Hkv, K, d)."""
@@ -127,8 +131,9 @@ def namm_attention(
     window = None if managed else window
 
     if managed and hook.need_attn:
-        out, probs = _eager(query, key, value, scaling, softcap, groups)
-        attn = probs[0].mean(dim=1)  # (kv_heads, q, K): query heads averaged per KV group
+        with hook.timer("attention read"):
+            out, probs = _eager(query, key, value, scaling, softcap, groups)
+            attn = probs[0].mean(dim=1)  # (kv_heads, q, K): query heads averaged per KV group
         hook.observe(layer, attn, key[0], **hook.extras(query, value))
     else:
         if softcap is not None:

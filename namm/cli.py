@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("generate", "inspect", "calibrate", "eval", "evolve", "export")
+COMMANDS = ("generate", "inspect", "calibrate", "eval", "evolve", "export", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ from transformers import DynamicCache
 from namm.attention import ATTN_IMPLEMENTATION, LayerHook
 from namm.policies.base import CacheSpec, MemoryPolicy, SidePass
 from namm.prefix import PrefixStore, prefix_key, restore_snapshot, take_snapshot
+from namm.profiling import NULL_TIMER
 from namm.report import CacheMeter, MemoryReport
 
 
@@ -127,12 +128,14 @@ class MemorySequence:
         }
         self.meter = CacheMeter(list(self.spec.managed_layers))
         self.eviction_log: list[tuple[int, dict[int, torch.Tensor]]] = []
+        self.timer = getattr(policy, "timer", NULL_TIMER)  # namm.profiling sections
         self.hook = LayerHook(
             managed=frozenset(self.spec.managed_layers),
             observe=self._observe,
             need_attn=bool(policy.needs_attention),
             need_queries=bool(getattr(policy, "needs_queries", False)),
             need_values=bool(getattr(policy, "needs_values", False)),
+            timer=self.timer,
         )
         self.side_tokens = 0
         # ids and positions of the tokens some managed layer still holds, for side passes only
@@ -261,6 +264,16 @@ class MemorySequence:
         ``prompt_end``: this is the eviction step that ends the prompt (told to side passes)."""
         if self._side:
             self.policy.side_pass(self.side_pass(prompt_end))
+        with self.timer("cache gather"):  # the policy's own sections inside are theirs
+            kept = self._prune()
+        if self._side:
+            self._forget_evicted_ids()
+        self.meter.after_eviction(self.lengths())
+        if self.config.record_evictions:
+            self.eviction_log.append((self.seen, {k: v.clone() for k, v in kept.items()}))
+
+    def _prune(self) -> dict[int, torch.Tensor]:
+        """One eviction step's selection and gathers; returns the kept positions of each pruned layer."""
         self.policy.begin_eviction()
         chosen: dict[int, torch.Tensor] = {}
         for layer in self.spec.managed_layers:
@@ -276,11 +289,7 @@ class MemorySequence:
             cache_layer.values = cache_layer.values.gather(2, gather)
             self.positions[layer] = self.positions[layer].gather(1, idx)
             kept[layer] = self.positions[layer]
-        if self._side:
-            self._forget_evicted_ids()
-        self.meter.after_eviction(self.lengths())
-        if self.config.record_evictions:
-            self.eviction_log.append((self.seen, {k: v.clone() for k, v in kept.items()}))
+        return kept
 
     def _check_shape(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         idx = idx.to(self.device, torch.long)

@@ -28,7 +28,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+
+from namm.memory.buffers import capacity_for, fresh, with_capacity
 
 EXTRA_FEATURES = ("value_norm", "key_norm", "attn_var", "attn_entropy", "attn_peak")
 NAMM_EXTRAS = ("key_norm", "attn_var", "attn_entropy", "attn_peak")  # what NAMMPolicy can stream
@@ -63,50 +64,66 @@ class AttentionMoments:
     same for every token. New tokens enter with zeros.
     """
 
+    STATS = ("s", "s2", "t", "r", "peak")
+
     def __init__(self, ema_coeff: float = 0.99) -> None:
         if not 0.0 < float(ema_coeff) < 1.0:
             raise ValueError(f"ema_coeff must be in (0, 1), got {ema_coeff!r}.")
         self.ema_coeff = float(ema_coeff)
-        self.state: dict[int, dict[str, torch.Tensor]] = {}
+        self._buffers: dict[int, torch.Tensor] = {}  # layer -> (5, kv_heads, capacity), see namm.memory.buffers
+        self._n_tokens: dict[int, int] = {}
         self.total: dict[int, float] = {}
 
     def reset(self) -> None:
-        self.state.clear()
+        self._buffers.clear()
+        self._n_tokens.clear()
         self.total.clear()
+
+    @property
+    def state(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Layer -> {"s", "s2", "t", "r", "peak"} -> (kv_heads, cache_len) (views of the buffers)."""
+        return {layer: self._stats(layer) for layer in self._buffers}
+
+    def _stats(self, layer: int) -> dict[str, torch.Tensor]:
+        stats = self._buffers[layer][:, :, : self._n_tokens[layer]]
+        return dict(zip(self.STATS, stats.unbind(0)))
 
     def observe(self, layer: int, attn: torch.Tensor) -> None:
         """Fold one forward call's attention (kv_heads, new_queries, cache_len) into the state."""
         heads, n_new, cache_len = attn.shape
         g = self.ema_coeff
-        state = self.state.get(layer)
-        if state is None:
-            state = {k: attn.new_zeros(heads, 0) for k in ("s", "s2", "t", "r", "peak")}
-        grown = cache_len - state["s"].shape[-1]
-        if grown < 0:
-            raise RuntimeError(f"layer {layer}: attention covers {cache_len} keys but {state['s'].shape[-1]} "
+        if layer not in self._buffers:
+            self._buffers[layer] = attn.new_zeros(len(self.STATS), heads, capacity_for(cache_len))
+            self._n_tokens[layer] = 0
+        old = self._n_tokens[layer]
+        if cache_len < old:
+            raise RuntimeError(f"layer {layer}: attention covers {cache_len} keys but {old} "
                                "are tracked; prune() the evicted tokens first.")
-        state = {k: F.pad(v, (0, grown)) for k, v in state.items()}
+        self._buffers[layer] = with_capacity(self._buffers[layer], 2, old, cache_len)
+        self._buffers[layer][:, :, old:cache_len].zero_()  # new tokens enter with zeros
+        self._n_tokens[layer] = cache_len
+        state = self._stats(layer)  # updated in place below
         age = torch.arange(n_new - 1, -1, -1, dtype=attn.dtype, device=attn.device)  # newest query: 0
         w = (1.0 - g) * g**age  # (new_queries,)
         decay = g**n_new
         a = attn
         weights = torch.stack([w, w * w.log()])  # (2, new_queries): for s and for r
         s_new, r_new = torch.matmul(weights, a).unbind(1)  # 2 x (kv_heads, cache_len)
-        old_s = state["s"]
-        state["s"] = decay * old_s + s_new
-        state["s2"] = decay * state["s2"] + torch.matmul(w, a * a)
-        state["t"] = decay * state["t"] + torch.matmul(w, torch.xlogy(a, a))  # 0 log 0 = 0
-        # old weights shrink by g**n_new: log w gains n_new log g
-        state["r"] = decay * (state["r"] + n_new * math.log(g) * old_s) + r_new
+        # old weights shrink by g**n_new: log w gains n_new log g (r reads s before s moves on)
+        state["r"].add_(n_new * math.log(g) * state["s"]).mul_(decay).add_(r_new)
+        state["s"].mul_(decay).add_(s_new)
+        state["s2"].mul_(decay).add_(torch.matmul(w, a * a))
+        state["t"].mul_(decay).add_(torch.matmul(w, torch.xlogy(a, a)))  # 0 log 0 = 0
         recent_peak = (a * (g**age)[:, None]).amax(dim=1)  # (kv_heads, cache_len)
-        state["peak"] = torch.maximum(decay * state["peak"], recent_peak)
-        self.state[layer] = state
+        torch.maximum(state["peak"].mul_(decay), recent_peak, out=state["peak"])
         self.total[layer] = decay * self.total.get(layer, 0.0) + (1.0 - decay)
 
     def prune(self, layer: int, keep_idx: torch.Tensor) -> None:
         """Keep only the tokens ``keep_idx`` (kv_heads, n_keep) of ``layer``."""
-        idx = keep_idx.to(self.state[layer]["s"].device)
-        self.state[layer] = {k: v.gather(1, idx) for k, v in self.state[layer].items()}
+        stats = self._buffers[layer][:, :, : self._n_tokens[layer]]
+        idx = keep_idx.to(stats.device)
+        self._buffers[layer] = fresh(stats.gather(2, idx.expand(len(self.STATS), *idx.shape)), 2)
+        self._n_tokens[layer] = idx.shape[-1]
 
     # -- per-token statistics, each (kv_heads, cache_len) ------------------------------------------
     def mean(self, layer: int) -> torch.Tensor:

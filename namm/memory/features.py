@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from namm.memory.buffers import capacity_for, fresh, with_capacity
 from namm.memory.extra_features import EXTRA_FEATURES, NAMM_EXTRAS
 
 
@@ -117,20 +118,32 @@ class FeatureConfig:
 class StreamingSpectrogram:
     """Per-layer streaming STFT + EMA of the attention each cached token receives.
 
-    State per layer: ``rows`` (kv_heads, r, cache_len), the last r < n_fft query rows still
-    needed by future frames, and ``ema`` (kv_heads, cache_len, n_bins). New tokens enter with a
-    zero EMA and zero history (the attention they got before they existed is zero anyway).
+    State per layer: the last r < n_fft query rows still needed by future frames, (kv_heads, r,
+    cache_len) (:attr:`rows`), and the EMA, (kv_heads, cache_len, n_bins) (:meth:`ema`). New
+    tokens enter with a zero EMA and zero history (the attention they got before they existed is
+    zero anyway). Both live in buffers with spare capacity (:mod:`namm.memory.buffers`): a decoding
+    step writes its attention row and the new token's slots in place, no copy of the state.
     """
 
     def __init__(self, config: FeatureConfig) -> None:
         self.config = config
-        self.rows: dict[int, torch.Tensor] = {}
-        self.emas: dict[int, torch.Tensor] = {}
+        self._rows: dict[int, torch.Tensor] = {}  # layer -> (kv_heads, n_fft, capacity)
+        self._emas: dict[int, torch.Tensor] = {}  # layer -> (kv_heads, n_bins, capacity): bins, then tokens
+        self._n_rows: dict[int, int] = {}
+        self._n_tokens: dict[int, int] = {}
         self._dft: torch.Tensor | None = None
 
     def reset(self) -> None:
-        self.rows.clear()
-        self.emas.clear()
+        for state in (self._rows, self._emas, self._n_rows, self._n_tokens):
+            state.clear()
+
+    @property
+    def rows(self) -> dict[int, torch.Tensor]:
+        """Layer -> the buffered query rows, (kv_heads, r, cache_len) (views)."""
+        return {layer: self._rows_view(layer) for layer in self._rows}
+
+    def _rows_view(self, layer: int) -> torch.Tensor:
+        return self._rows[layer][:, : self._n_rows[layer], : self._n_tokens[layer]]
 
     def dft(self, like: torch.Tensor) -> torch.Tensor:
         """The windowed real DFT as a matrix, (2 * n_bins, n_fft): rows w[n] cos(2 pi f n / N),
@@ -152,30 +165,34 @@ class StreamingSpectrogram:
         frames: (..., m, cache_len), the first m <= n_fft rows of each frame (the rest are zeros).
         Returns (..., n_bins, cache_len).
         """
-        m = frames.shape[-2]
-        x = torch.matmul(self.dft(frames)[:, :m], frames)  # (..., 2 * n_bins, cache_len): real; imaginary
+        *lead, m, cache_len = frames.shape
+        dft = self.dft(frames)[:, :m]
+        x = frames.new_empty(*lead, dft.shape[0], cache_len)  # (..., 2 * n_bins, cache_len): real; imaginary
+        if frames.dim() == 4:  # (kv_heads, n_frames, m, cache_len): overlapping frames, one batch per head
+            for head in range(lead[0]):  # each head's frames are strided views, multiplied without a copy
+                torch.matmul(dft.expand(lead[1], -1, -1), frames[head], out=x[head])
+        else:
+            torch.matmul(dft.expand(*lead, -1, -1), frames, out=x)
         x = x.square_().unflatten(-2, (2, self.config.n_bins))  # (..., 2, n_bins, cache_len)
         return x.sum(dim=-3).sqrt_()
 
     def observe(self, layer: int, attn: torch.Tensor) -> None:
         """Fold one forward call's attention (kv_heads, new_queries, cache_len) into the EMA."""
         cfg = self.config
-        heads, _, cache_len = attn.shape
-        if layer not in self.rows:  # zero padding before query 0
-            self.rows[layer] = attn.new_zeros(heads, cfg.overlap, cache_len)
-            self.emas[layer] = attn.new_zeros(heads, cache_len, cfg.n_bins)
-        rows, ema = self.rows[layer], self.emas[layer]
-        grown = cache_len - rows.shape[-1]
-        if grown < 0:
-            raise RuntimeError(
-                f"layer {layer}: attention covers {cache_len} keys but the policy tracks {rows.shape[-1]}; "
-                "the engine must call select()/prune before handing a smaller cache."
-            )
-        rows = F.pad(rows, (0, grown))  # older queries gave new keys zero attention
-        ema = F.pad(ema, (0, 0, 0, grown))
-        rows = torch.cat([rows, attn.to(rows.dtype)], dim=1)  # (kv_heads, r + new_queries, cache_len)
+        heads, n_new, cache_len = attn.shape
+        if layer not in self._rows:  # zero padding before query 0
+            self._rows[layer] = attn.new_zeros(heads, cfg.n_fft, capacity_for(cache_len))
+            self._emas[layer] = attn.new_zeros(heads, cfg.n_bins, capacity_for(cache_len))
+            self._n_rows[layer], self._n_tokens[layer] = cfg.overlap, 0
+        self._grow(layer, cache_len)  # older queries gave new keys zero attention
+        n_rows = self._n_rows[layer] + n_new
+        if n_rows <= cfg.n_fft:  # a decoding step: its rows go into the buffer
+            self._rows[layer][:, self._n_rows[layer] : n_rows, :cache_len] = attn
+            rows = self._rows[layer][:, :n_rows, :cache_len]
+        else:  # a chunk: (kv_heads, r + new_queries, cache_len), dropped once its frames are read
+            rows = torch.cat([self._rows_view(layer), attn.to(self._rows[layer].dtype)], dim=1)
 
-        n_frames = (rows.shape[1] - cfg.overlap) // cfg.hop  # frames m with m * hop + n_fft <= rows
+        n_frames = (n_rows - cfg.overlap) // cfg.hop  # frames m with m * hop + n_fft <= rows
         if n_frames > 0:
             used = rows[:, : (n_frames - 1) * cfg.hop + cfg.n_fft]
             frames = used.unfold(1, cfg.n_fft, cfg.hop).transpose(-1, -2)  # (kv_heads, n_frames, n_fft, cache_len)
@@ -183,19 +200,43 @@ class StreamingSpectrogram:
             beta = cfg.frame_decay
             exponents = torch.arange(n_frames - 1, -1, -1, dtype=rows.dtype, device=rows.device)
             weights = (1.0 - beta) * beta**exponents  # (n_frames,), the newest frame last
-            ema = beta**n_frames * ema + torch.einsum("f,hfbk->hkb", weights, spectra)
-        self.rows[layer] = rows[:, n_frames * cfg.hop :].clone()  # < n_fft rows; frees the chunk
-        self.emas[layer] = ema
+            ema = self._emas[layer][:, :, :cache_len]  # (kv_heads, n_bins, cache_len)
+            ema.mul_(beta**n_frames).add_(torch.einsum("f,hfbk->hbk", weights, spectra))
+        self._keep_rows(layer, rows, n_frames * cfg.hop)
+
+    def _grow(self, layer: int, cache_len: int) -> None:
+        """Give the ``cache_len - tracked`` new tokens zero rows and a zero EMA."""
+        old = self._n_tokens[layer]
+        if cache_len < old:
+            raise RuntimeError(
+                f"layer {layer}: attention covers {cache_len} keys but the policy tracks {old}; "
+                "the engine must call select()/prune before handing a smaller cache."
+            )
+        self._rows[layer] = with_capacity(self._rows[layer], 2, old, cache_len)
+        self._emas[layer] = with_capacity(self._emas[layer], 2, old, cache_len)
+        self._rows[layer][:, :, old:cache_len].zero_()
+        self._emas[layer][:, :, old:cache_len].zero_()
+        self._n_tokens[layer] = cache_len
+
+    def _keep_rows(self, layer: int, rows: torch.Tensor, start: int) -> None:
+        """Keep ``rows[:, start:]`` (< n_fft rows) as the layer's buffered rows."""
+        buffer, left = self._rows[layer], rows[:, start:]
+        n_left, cache_len = left.shape[1], rows.shape[-1]
+        if rows.data_ptr() != buffer.data_ptr():  # a chunk's rows
+            buffer[:, :n_left, :cache_len] = left
+        elif start > 0:  # a frame completed in the buffer: move the rows it leaves to the top
+            buffer[:, :n_left, :cache_len] = left.clone() if start < n_left else left
+        self._n_rows[layer] = n_left
 
     def ema(self, layer: int) -> torch.Tensor:
         """The un-normalised EMA spectrogram of every cached token, (kv_heads, cache_len, n_bins)."""
-        if layer not in self.emas:
+        if layer not in self._emas:
             raise KeyError(f"layer {layer} has not been observed yet.")
-        return self.emas[layer]
+        return self._emas[layer][:, :, : self._n_tokens[layer]].transpose(1, 2)
 
     def pending(self, layer: int) -> int:
         """Query rows received since the last complete frame (``T mod hop``)."""
-        return self.rows[layer].shape[1] - self.config.overlap if layer in self.rows else 0
+        return self._n_rows[layer] - self.config.overlap if layer in self._rows else 0
 
     def scoring_ema(self, layer: int) -> torch.Tensor:
         """The EMA the scorer sees, (kv_heads, cache_len, n_bins); the state is not changed.
@@ -207,17 +248,21 @@ class StreamingSpectrogram:
         if not self.config.partial_frame or self.pending(layer) == 0:
             return ema
         beta = self.config.frame_decay
-        spectrum = self.spectrum(self.rows[layer])  # (kv_heads, n_bins, cache_len); zero padding adds nothing
-        return beta * ema + (1.0 - beta) * spectrum.transpose(1, 2)
+        spectrum = self.spectrum(self._rows_view(layer))  # (kv_heads, n_bins, cache_len); zero padding adds nothing
+        return (beta * ema.transpose(1, 2) + (1.0 - beta) * spectrum).transpose(1, 2)
 
     def prune(self, layer: int, keep_idx: torch.Tensor) -> None:
         """Keep only the tokens ``keep_idx`` (kv_heads, n_keep) of ``layer``."""
-        rows, ema = self.rows[layer], self.emas[layer]
+        rows, ema = self._rows_view(layer), self.ema(layer).transpose(1, 2)  # (kv_heads, n_bins, cache_len)
         heads, n_rows, _ = rows.shape
         n_keep = keep_idx.shape[-1]
         keep_idx = keep_idx.to(rows.device)
-        self.rows[layer] = rows.gather(2, keep_idx[:, None, :].expand(heads, n_rows, n_keep))
-        self.emas[layer] = ema.gather(1, keep_idx[:, :, None].expand(heads, n_keep, ema.shape[-1]))
+        kept_rows = rows.gather(2, keep_idx[:, None, :].expand(heads, n_rows, n_keep))
+        buffer = rows.new_zeros(heads, self.config.n_fft, capacity_for(n_keep))
+        buffer[:, :n_rows, :n_keep] = kept_rows
+        self._rows[layer] = buffer
+        self._emas[layer] = fresh(ema.gather(2, keep_idx[:, None, :].expand(heads, ema.shape[1], n_keep)), 2)
+        self._n_tokens[layer] = n_keep
 
 
 class RunningStats:

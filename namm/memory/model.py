@@ -205,8 +205,11 @@ class NAMM:
                      extras: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
         """:meth:`score` of several layers (cache lengths may differ) in batched scorer calls."""
         extras = extras if extras is not None else [None] * len(emas)
-        zs = [self.features(ema, pos, ext) for ema, pos, ext in zip(emas, positions, extras)]
-        return score_ragged(self._scorer_on(zs[0].device), zs) if zs else []
+        return self.score_features([self.features(ema, pos, ext) for ema, pos, ext in zip(emas, positions, extras)])
+
+    def score_features(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Scores (kv_heads, cache_len_i) of several layers' :meth:`features` in batched scorer calls."""
+        return score_ragged(self._scorer_on(features[0].device), features) if features else []
 
     def _scorer_on(self, device: torch.device) -> FlatScorer:
         if self.scorer.flat.device != device:

@@ -25,6 +25,8 @@ from typing import Callable, Hashable
 
 import torch
 
+from namm.profiling import NULL_TIMER
+
 
 @dataclass(frozen=True)
 class CacheSpec:
@@ -125,6 +127,10 @@ class MemoryPolicy:
         """Indices to keep, (kv_heads, n_keep) int64, ascending per head, the same count for
         every head; or None to keep everything. Called only at eviction steps."""
         return None
+
+    #: where the policy's work is timed (:mod:`namm.profiling`); the engine times its own sections on
+    #: the same timer. The default costs nothing; ``namm bench`` sets a SectionTimer.
+    timer = NULL_TIMER
 
     #: optional callback(layer, positions, scores), both (kv_heads, cache_len), that sees the scores
     #: a policy ranked its cache by at each eviction step (``namm inspect`` sets it; off by default)

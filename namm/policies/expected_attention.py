@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from namm.policies.base import CacheSpec, tokens_seen
+from namm.policies.base import CacheSpec
 from namm.policies.ranked import RankedPolicy, protect
 
 
@@ -125,7 +125,7 @@ class ExpectedAttention(RankedPolicy):
     def scores(self, layer: int, n_keep: int) -> torch.Tensor:
         positions = self._positions[layer]
         keys, values = (x.float() for x in self._kv[layer])
-        mu, cov = (x.float() for x in self.query_statistics(layer, tokens_seen(positions)))
+        mu, cov = (x.float() for x in self.query_statistics(layer, self.tokens_seen(positions)))
         dim = keys.shape[-1]
         logits = torch.einsum("hgd,hkd->hgk", mu, keys) / math.sqrt(dim)  # (kv_heads, groups, cache_len)
         if self.use_covariance:

@@ -130,12 +130,21 @@ class NAMMPolicy(MemoryPolicy):
     def observe(self, layer: int, attn: torch.Tensor | None, keys: torch.Tensor, positions: torch.Tensor) -> None:
         if attn is None:
             raise RuntimeError("NAMMPolicy needs attention weights; run it under an engine with needs_attention.")
-        self.spectrogram.observe(layer, attn)
-        if self.moments is not None:
-            self.moments.observe(layer, attn)
-        if self.key_norms is not None:
-            self.key_norms[layer] = vector_norms(keys)  # (kv_heads, cache_len)
+        with self.timer("features"):
+            self.spectrogram.observe(layer, attn)
+            if self.moments is not None:
+                self.moments.observe(layer, attn)
+            if self.key_norms is not None:
+                self.key_norms[layer] = self._key_norms(layer, keys)
         self.positions[layer] = positions
+
+    def _key_norms(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
+        """(kv_heads, cache_len) norms of ``keys``: the tracked ones (a cached key never changes),
+        then the new tokens'; a decoding step computes one norm per head, not the whole cache's."""
+        tracked = self.key_norms.get(layer)
+        if tracked is None:
+            return vector_norms(keys)
+        return torch.cat([tracked, vector_norms(keys[:, tracked.shape[1]:])], dim=1)
 
     def extras(self, layer: int) -> torch.Tensor | None:
         """The configured extra inputs of ``layer``'s tokens, (kv_heads, cache_len, n_extras), or None."""
@@ -182,9 +191,11 @@ class NAMMPolicy(MemoryPolicy):
 
         One host sync for all layers: the token count (budget) or the keep counts (threshold).
         """
-        emas = [self.spectrogram.scoring_ema(layer) for layer in layers]  # (kv_heads, cache_len, n_bins)
-        extras = [self.extras(layer) for layer in layers]  # None each without extras
-        scores = self.namm.score_layers(emas, [self.positions[layer] for layer in layers], extras)
+        with self.timer("features"):  # (kv_heads, cache_len, feature_dim) per layer
+            features = [self.namm.features(self.spectrogram.scoring_ema(layer), self.positions[layer],
+                                           self.extras(layer)) for layer in layers]
+        with self.timer("scorer"):
+            scores = self.namm.score_features(features)  # one batched call (or a few) for all layers
         if self.keep == "budget":
             seen = tokens_seen(self.positions[layers[0]])  # every layer keeps the newest token
             counts = [BudgetMixin.n_keep(self, seen, s.shape[-1]) for s in scores]  # type: ignore[arg-type]

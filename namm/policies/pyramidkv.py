@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from namm.policies.base import tokens_seen
 from namm.policies.snapkv import SnapKV
 
 
@@ -53,7 +52,7 @@ class PyramidKV(SnapKV):
             raise ValueError(f"beta must be >= 1 (1 is uniform), got {self.beta!r}.")
 
     def keep_count(self, layer: int, positions: torch.Tensor) -> int:
-        seen = tokens_seen(positions)
+        seen = self.tokens_seen(positions)
         managed = self.spec.managed_layers
         budgets = pyramid_budgets(self.n_keep(seen, seen), self.window, len(managed), float(self.beta), seen)
         return max(1, min(positions.shape[-1], budgets[managed.index(layer)]))

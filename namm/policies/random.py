@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from namm.policies.base import tokens_seen
 from namm.policies.ranked import RankedPolicy
 
 
@@ -28,7 +27,7 @@ class RandomPolicy(RankedPolicy):
 
     def scores(self, layer: int, n_keep: int) -> torch.Tensor:
         positions = self._positions[layer]
-        key = (self.seed * 1_000_003 + layer) * 1_000_003 + tokens_seen(positions)
+        key = (self.seed * 1_000_003 + layer) * 1_000_003 + self.tokens_seen(positions)
         generator = torch.Generator().manual_seed(key % 2**63)
         scores = torch.rand(positions.shape, generator=generator).to(positions.device)
         scores[..., -1] = float("inf")  # the newest token always stays

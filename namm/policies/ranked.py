@@ -44,11 +44,20 @@ class RankedPolicy(BudgetMixin, MemoryPolicy):
     def reset(self, spec: CacheSpec) -> None:
         super().reset(spec)
         self._positions: dict[int, torch.Tensor] = {}  # layer -> (kv_heads, cache_len)
+        self._seen: int | None = None
 
     def observe(self, layer: int, attn: torch.Tensor | None, keys: torch.Tensor, positions: torch.Tensor,
                 **extras: torch.Tensor) -> None:
         self._positions[layer] = positions
+        self._seen = None  # a new forward call: the count moves on
         self.update(layer, attn, keys, positions, **extras)
+
+    def tokens_seen(self, positions: torch.Tensor) -> int:
+        """Tokens processed so far, read from the device once per eviction step: every layer's
+        newest cached token is the last one processed when ``select`` runs."""
+        if self._seen is None:
+            self._seen = tokens_seen(positions)
+        return self._seen
 
     def update(self, layer: int, attn: torch.Tensor | None, keys: torch.Tensor, positions: torch.Tensor,
                **extras: torch.Tensor) -> None:
@@ -63,7 +72,7 @@ class RankedPolicy(BudgetMixin, MemoryPolicy):
 
     def keep_count(self, layer: int, positions: torch.Tensor) -> int:
         """Tokens this layer keeps now: the budget arithmetic, capped by the cache."""
-        return self.n_keep(tokens_seen(positions), positions.shape[-1])
+        return self.n_keep(self.tokens_seen(positions), positions.shape[-1])
 
     def select(self, layer: int) -> torch.Tensor | None:
         positions = self._positions[layer]

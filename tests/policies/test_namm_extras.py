@@ -33,14 +33,15 @@ def extras_namm(extras=ATTN_EXTRAS, seed: int = 0, scale: float = 0.3) -> NAMM:
 
 
 def feed(policy: NAMMPolicy, seed: int = 0, chunks=(21, 7, 16), heads: int = 2, head_dim: int = 4):
-    """Observe layer 0 through chunks of random causal attention; returns (attns, keys)."""
+    """Observe layer 0 through chunks of random causal attention; returns (attns, keys). The keys
+    of cached tokens stay as they were (a cache only appends), each chunk adds its own."""
     gen = torch.Generator().manual_seed(seed)
-    attns, n = [], 0
+    attns, n, keys = [], 0, torch.empty(heads, 0, head_dim)
     for q in chunks:
         n += q
         attn = torch.rand(heads, q, n, generator=gen).tril(n - q)  # (kv_heads, queries, keys), causal
         attns.append(attn / attn.sum(-1, keepdim=True))
-        keys = torch.randn(heads, n, head_dim, generator=gen)
+        keys = torch.cat([keys, torch.randn(heads, q, head_dim, generator=gen)], dim=1)
         policy.observe(0, attns[-1], keys, torch.arange(n).expand(heads, n))
     return attns, keys
 
