@@ -20,14 +20,17 @@ $(VENV)/.installed: pyproject.toml
 
 DEMO_Q := What is the access code for the archive room, and who set it?
 
-# the full cache, SnapKV compressing the prompt to half once it is read, then the shipped NAMM
-# (namm/pretrained/, under the conditions it was evolved with)
+# the NAMM: the shipped one (namm/pretrained/) once the default run has converged; until then the
+# default run's current CMA mean (training/smollm2-default/mean), under the conditions it is evolved with
+DEMO_NAMM := $(if $(wildcard namm/pretrained/*/config.json),,--namm training/smollm2-default/mean)
+
+# the full cache, SnapKV compressing the prompt to half once it is read, then the NAMM
 demo: setup
 	$(VENV)/bin/namm --quiet generate --file examples/demo_document.txt "$(DEMO_Q)" --max-new-tokens 40
 	$(VENV)/bin/namm --quiet generate --file examples/demo_document.txt "$(DEMO_Q)" --max-new-tokens 40 \
 		--policy snapkv --keep-ratio 0.5 --no-evict-during-prefill
 	$(VENV)/bin/namm --quiet generate --file examples/demo_document.txt "$(DEMO_Q)" --max-new-tokens 40 \
-		--policy namm
+		--policy namm $(DEMO_NAMM)
 
 test: setup
 	$(PY) -m pytest -q
