@@ -21,7 +21,8 @@ $(VENV)/.installed: pyproject.toml
 DEMO_Q := What is the access code for the archive room, and who set it?
 
 # the NAMM: the shipped one (namm/pretrained/) once the default run has converged; until then the
-# default run's current CMA mean (training/smollm2-default/mean), under the conditions it is evolved with
+# default run's current CMA mean (training/smollm2-default/mean), under the conditions it is evolved with:
+# raw prompts, so the question is asked as "Question: ...\nAnswer:" (a raw question alone gets no answer)
 DEMO_NAMM := $(if $(wildcard namm/pretrained/*/config.json),,--namm training/smollm2-default/mean)
 
 # the full cache, SnapKV compressing the prompt to half once it is read, then the NAMM
@@ -29,8 +30,8 @@ demo: setup
 	$(VENV)/bin/namm --quiet generate --file examples/demo_document.txt "$(DEMO_Q)" --max-new-tokens 40
 	$(VENV)/bin/namm --quiet generate --file examples/demo_document.txt "$(DEMO_Q)" --max-new-tokens 40 \
 		--policy snapkv --keep-ratio 0.5 --no-evict-during-prefill
-	$(VENV)/bin/namm --quiet generate --file examples/demo_document.txt "$(DEMO_Q)" --max-new-tokens 40 \
-		--policy namm $(DEMO_NAMM)
+	$(VENV)/bin/namm --quiet generate --file examples/demo_document.txt \
+		"$$(printf 'Question: %s\nAnswer:' "$(DEMO_Q)")" --max-new-tokens 40 --policy namm $(DEMO_NAMM)
 
 test: setup
 	$(PY) -m pytest -q
