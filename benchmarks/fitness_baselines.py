@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from namm.evolution.config import load_config
-from namm.evolution.fitness import PromptResult, Worker, WorkerSpec, member_fitness, namm_policy
+from namm.evolution.fitness import PromptResult, Worker, WorkerSpec, loglik_diffs, member_fitness, namm_policy
 from namm.evolution.prompts import ReferenceScores
 from namm.memory.model import NAMM
 from namm.policies import make_policy
@@ -84,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         per_prompt = {}
         for task in tasks:
             idx = [i for i, pr in enumerate(prompts) if pr.task == task]
-            diffs = [(out[i].loglik - refs[i].loglik) / max(out[i].tokens, 1) for i in idx]
-            per_prompt[task] = diffs
+            per_prompt[task] = loglik_diffs([out[i] for i in idx], [refs[i] for i in idx])
         results[method] = {"fitness": fit.fitness, "raw": fit.raw, "kept": fit.kept, "per_task": fit.per_task,
                            "loglik_diff_per_token": per_prompt, "seconds": time.perf_counter() - t0}
         cells = "  ".join(f"{t} {fit.per_task.get(t, math.nan):.3f}" for t in tasks)

@@ -95,9 +95,13 @@ def task_ratio(objective: str, results: list[PromptResult], refs: list[PromptRes
             return None
         ratio = sum(results[i].score for i in counted) / sum(refs[i].score for i in counted)
     else:
-        diffs = [(r.loglik - f.loglik) / max(r.tokens, 1) for r, f in zip(results, refs, strict=True)]
-        ratio = math.exp(min(float(np.mean(diffs)), math.log(MAX_RATIO)))
+        ratio = math.exp(min(float(np.mean(loglik_diffs(results, refs))), math.log(MAX_RATIO)))
     return min(float(ratio), MAX_RATIO)
+
+
+def loglik_diffs(results: list[PromptResult], refs: list[PromptResult]) -> list[float]:
+    """Per prompt, the per-token log-likelihood of the answer minus the full cache's."""
+    return [(r.loglik - f.loglik) / max(r.tokens, 1) for r, f in zip(results, refs, strict=True)]
 
 
 def member_fitness(config: FitnessConfig, prompts: list[Prompt], results: list[PromptResult],
