@@ -6,7 +6,8 @@ queries and its *whole* cache (keys of earlier tokens plus this call's). It
 
 * builds the causal mask from the shapes alone: the last ``q`` keys are this call's tokens, every
   older cached key is visible (pruned tokens are simply gone), and sliding-window layers keep their
-  own window;
+  own window; a layer whose KV heads keep different numbers of tokens (a *ragged* layer, see
+  :mod:`namm.sequence`) also hides each head's leading padded slots;
 * for layers the policy manages, hands the policy this chunk's attention, query heads averaged per
   KV group, one layer at a time (eager softmax, fp32), so no step ever holds all layers' attention;
   and, only when asked, this chunk's queries (after RoPE, as the model applied it) and the values;
@@ -15,7 +16,7 @@ queries and its *whole* cache (keys of earlier tokens plus this call's). It
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -37,6 +38,9 @@ class LayerHook:
     need_queries: pass ``queries=`` (kv_heads, groups, q, d), this call's queries after RoPE.
     need_values:  pass ``values=`` (kv_heads, K, d), the layer's values.
     timer:        :mod:`namm.profiling` timer of the "attention read" section (a no-op by default).
+    padding:      layer index -> (kv_heads,) int64, how many leading cache slots of each KV head are
+                  padding (ragged layers only; the engine keeps this dict up to date). Padded slots
+                  are hidden from every query; a layer not in the dict has none.
     """
 
     managed: frozenset[int]
@@ -45,6 +49,7 @@ class LayerHook:
     need_queries: bool = False
     need_values: bool = False
     timer: Callable = NULL_TIMER  # times the "attention read" (namm.profiling)
+    padding: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def extras(self, query: torch.Tensor, value: torch.Tensor) -> dict[str, torch.Tensor]:
         """The optional ``observe`` arguments asked for, from query (1, Hq, q, d), value (1, Hkv, K, d)."""
@@ -72,6 +77,11 @@ def visible_mask(q_len: int, kv_len: int, window: int | None, device: torch.devi
     return mask
 
 
+def held_slots(padding: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Bool (kv_heads, kv_len): slot j of head h holds a token (j >= padding[h]), not padding."""
+    return torch.arange(kv_len, device=padding.device)[None, :] >= padding[:, None]
+
+
 def _eager(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -80,10 +90,12 @@ def _eager(
     softcap: float | None,
     groups: int,
     window: int | None = None,
+    held: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention for grouped queries without copying K and V per query head.
 
-    query (1, Hq, q, d), key/value (1, Hkv, K, d); the mask is :func:`visible_mask`. Query head
+    query (1, Hq, q, d), key/value (1, Hkv, K, d); the mask is :func:`visible_mask`, and, for a
+    ragged layer, ``held`` (Hkv, K) hides each head's padded slots (:func:`held_slots`). Query head
     ``h * groups + g`` reads KV head h, so the queries are regrouped to (1, Hkv, groups * q, d)
     and multiplied against the un-repeated keys and values. Returns the output (1, Hq, q, d) and
     the fp32 softmax probabilities (1, Hkv, groups, q, K).
@@ -99,6 +111,8 @@ def _eager(
         scores[..., kv_len - q_len :].masked_fill_(~visible_mask(q_len, q_len, None, query.device), float("-inf"))
     else:
         scores.masked_fill_(~visible_mask(q_len, kv_len, window, query.device), float("-inf"))
+    if held is not None:
+        scores.masked_fill_(~held[None, :, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # (1, Hkv, groups, q, K)
     out = torch.matmul(probs.view(1, kv_heads, groups * q_len, kv_len).to(value.dtype), value)
     return out.view(1, hq, q_len, dim), probs
@@ -129,17 +143,21 @@ def namm_attention(
     groups = query.shape[1] // key.shape[1]
     managed = layer in hook.managed
     window = None if managed else window
+    padding = hook.padding.get(layer) if managed else None
+    held = None if padding is None else held_slots(padding, kv_len)  # (kv_heads, K)
 
     if managed and hook.need_attn:
         with hook.timer("attention read"):
-            out, probs = _eager(query, key, value, scaling, softcap, groups)
+            out, probs = _eager(query, key, value, scaling, softcap, groups, held=held)
             attn = probs[0].mean(dim=1)  # (kv_heads, q, K): query heads averaged per KV group
         hook.observe(layer, attn, key[0], **hook.extras(query, value))
     else:
         if softcap is not None:
-            out, _ = _eager(query, key, value, scaling, softcap, groups, window)
+            out, _ = _eager(query, key, value, scaling, softcap, groups, window, held)
         else:
             mask = visible_mask(q_len, kv_len, window, query.device)
+            if held is not None:  # (Hq, q, K): each query head hides the padding of its KV head
+                mask = mask[None] & held.repeat_interleave(groups, dim=0)[:, None, :]
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
         if managed:
             hook.observe(layer, None, key[0], **hook.extras(query, value))

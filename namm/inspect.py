@@ -78,7 +78,12 @@ class ScoreRecorder:
         out = torch.full((len(layers), kv_heads, n_tokens), float("nan"))
         row = {layer: i for i, layer in enumerate(layers)}
         for layer, positions, scores in self.steps:
-            out[row[layer]].scatter_(1, positions, scores)
+            held = positions >= 0  # a ragged layer's padding (position -1) is no token
+            if bool(held.all()):
+                out[row[layer]].scatter_(1, positions, scores)
+            else:
+                for h in range(positions.shape[0]):
+                    out[row[layer], h, positions[h, held[h]]] = scores[h, held[h]]
         return out.numpy()
 
 
@@ -111,8 +116,9 @@ def trace_memory(engine: Engine, prompt, policy: MemoryPolicy | None = None, max
     layers = list(seq.spec.managed_layers)
     held = np.zeros((len(layers), seq.spec.kv_heads, seq.seen), dtype=bool)
     for i, layer in enumerate(layers):
-        positions = seq.positions[layer].cpu()  # (kv_heads, n_keep) absolute positions
-        held[i, np.arange(seq.spec.kv_heads)[:, None], positions.numpy()] = True
+        positions = seq.positions[layer].cpu()  # (kv_heads, n_keep) absolute positions, -1: padding
+        for h, row in enumerate(positions):
+            held[i, h, row[row >= 0].numpy()] = True
     curve_x, curve_y = kept_curve(seq.eviction_log, layers, seq.seen)
     return MemoryTrace(
         token_ids=ids, tokens=token_pieces(engine.tokenizer, ids), n_prompt=out.prompt_tokens, seen=seq.seen,
@@ -129,7 +135,8 @@ def kept_curve(eviction_log, layers: list[int], seen: int) -> tuple[np.ndarray, 
 
     Every fed token enters every managed layer, so between two steps each layer grows by the
     tokens fed; at a step it drops to what the policy kept (layers it left alone keep growing).
-    Returns x (points,) tokens seen and y (points, layers) cache lengths, two points per step.
+    Returns x (points,) tokens seen and y (points, layers) cache lengths, two points per step (a
+    ragged layer's length: the mean over its KV heads, padding not counted).
     """
     length = np.zeros(len(layers))
     xs, ys, last = [0], [length.copy()], 0
@@ -139,7 +146,7 @@ def kept_curve(eviction_log, layers: list[int], seen: int) -> tuple[np.ndarray, 
         ys.append(length.copy())
         for i, layer in enumerate(layers):
             if layer in kept:
-                length[i] = kept[layer].shape[-1]
+                length[i] = (kept[layer] >= 0).sum().item() / kept[layer].shape[0]
         xs.append(step)
         ys.append(length.copy())
         last = step

@@ -59,24 +59,28 @@ class MemoryReport:
     """Cache kept by one sequence, per managed layer and overall (definitions: module docstring).
 
     tokens_seen:    tokens processed (prompt + generated).
-    final_len:      per layer, tokens in the cache at the end.
+    final_len:      per layer, tokens in the cache at the end (a ragged layer, whose KV heads keep
+                    different numbers of tokens: their mean; padded slots never count).
     mean_len:       per layer, cache length after each step, averaged over the tokens processed.
     peak_len:       per layer, the largest cache length at any moment (just before an eviction).
     kept_fraction:  final kept fraction: mean over layers of final_len / tokens_seen.
     mean_fraction:  token-weighted mean over the run of the kept fraction after each step.
     peak_fraction:  largest kept fraction at any moment (1.0 under the engine's schedule).
-    kv_bytes:       bytes of K and V held at the end, all layers (sliding-window layers included).
+    kv_bytes:       bytes of K and V held at the end, all layers (sliding-window layers included;
+                    the padded slots of ragged layers too: they are stored).
     kv_bytes_full:  the same for a full cache (also a full cache's peak).
     peak_kv_bytes:  the largest bytes of K and V held at any moment, all layers.
     evictions:      eviction steps run.
     prefill:        the prompt phase (:class:`PhaseMemory`).
     decode:         everything fed after the prompt (:class:`PhaseMemory`).
+    head_len:       per layer, tokens each KV head holds at the end (equal within a layer unless
+                    the policy keeps ragged heads).
     """
 
     tokens_seen: int = 0
-    final_len: list[int] = field(default_factory=list)
+    final_len: list[float] = field(default_factory=list)
     mean_len: list[float] = field(default_factory=list)
-    peak_len: list[int] = field(default_factory=list)
+    peak_len: list[float] = field(default_factory=list)
     kept_fraction: float = 1.0
     mean_fraction: float = 1.0
     peak_fraction: float = 1.0
@@ -86,6 +90,7 @@ class MemoryReport:
     evictions: int = 0
     prefill: PhaseMemory = field(default_factory=PhaseMemory)
     decode: PhaseMemory = field(default_factory=PhaseMemory)
+    head_len: list[list[int]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,7 +150,7 @@ class CacheMeter:
         """Kept fraction now: all managed layers' cached tokens / what a full cache would hold."""
         return sum(self.lengths) / (len(self.lengths) * self.seen) if self.lengths and self.seen else 1.0
 
-    def after_forward(self, lengths: list[int], new_tokens: int, seen: int, kv_bytes: int) -> None:
+    def after_forward(self, lengths: list[float], new_tokens: int, seen: int, kv_bytes: int) -> None:
         self._settle()
         self.lengths, self.seen, self.pending = list(lengths), seen, new_tokens
         p = self.phases[self.phase]
@@ -153,7 +158,7 @@ class CacheMeter:
         p.peak_len = [max(a, b) for a, b in zip(p.peak_len, lengths)]
         p.peak_kv_bytes = max(p.peak_kv_bytes, kv_bytes)
 
-    def after_eviction(self, lengths: list[int]) -> None:
+    def after_eviction(self, lengths: list[float]) -> None:
         self.lengths = list(lengths)
         self.evictions += 1
 

@@ -4,6 +4,13 @@
 positions of every cached token, calls the policy after each forward call and, at eviction steps,
 gathers every managed layer's keys and values down to the indices the policy keeps. The cache
 tensors really shrink: each layer holds ``(1, kv_heads, n_keep, head_dim)``.
+
+Ragged layers: a policy may let the KV heads of a layer keep different numbers of tokens (Ada-KV,
+the NAMM's per-head threshold). The layer's tensors are then padded to its longest head: head h
+holds ``padding[h]`` padded slots first, then its own tokens in order, then every token fed later.
+Padded slots are hidden from every query (:mod:`namm.attention`), carry position -1, and count
+neither as kept tokens nor in ``lengths()``; the cache bytes (``kv_bytes``) count them, since they
+are stored. The next step that prunes the layer drops them.
 """
 
 from __future__ import annotations
@@ -126,6 +133,8 @@ class MemorySequence:
             layer: torch.empty(self.spec.kv_heads, 0, dtype=torch.long, device=self.device)
             for layer in self.spec.managed_layers
         }
+        self.padding: dict[int, torch.Tensor] = {}  # ragged layers: (kv_heads,) leading padded slots
+        self._pad_counts: dict[int, list[int]] = {}  # the same, on the host (for lengths())
         self.meter = CacheMeter(list(self.spec.managed_layers))
         self.eviction_log: list[tuple[int, dict[int, torch.Tensor]]] = []
         self.timer = getattr(policy, "timer", NULL_TIMER)  # namm.profiling sections
@@ -136,6 +145,7 @@ class MemorySequence:
             need_queries=bool(getattr(policy, "needs_queries", False)),
             need_values=bool(getattr(policy, "needs_values", False)),
             timer=self.timer,
+            padding=self.padding,
         )
         self.side_tokens = 0
         # ids and positions of the tokens some managed layer still holds, for side passes only
@@ -239,7 +249,7 @@ class MemorySequence:
         the saved tensors are untouched): no trace in the cache, positions, ``seen`` or meter."""
         ids = ids.reshape(-1).to(self.device)
         pos = torch.arange(self.seen, self.seen + ids.numel(), device=self.device)
-        hook = LayerHook(managed=self.hook.managed, need_queries=True,
+        hook = LayerHook(managed=self.hook.managed, need_queries=True, padding=self.padding,
                          observe=lambda layer, attn, keys, queries: observe(layer, queries, keys))
         saved = [dict(layer.__dict__) for layer in self.cache.layers]
         try:
@@ -253,7 +263,7 @@ class MemorySequence:
         self.side_tokens += ids.numel()
 
     def _forget_evicted_ids(self) -> None:
-        """Keep the ids of the tokens some managed layer still holds."""
+        """Keep the ids of the tokens some managed layer still holds (padding, at -1, matches none)."""
         held = torch.cat([p.reshape(-1) for p in self.positions.values()])
         keep = torch.isin(self._id_positions, held)
         self._ids, self._id_positions = self._ids[keep], self._id_positions[keep]
@@ -280,16 +290,33 @@ class MemorySequence:
             idx = self.policy.select(layer)
             if idx is not None:
                 chosen[layer] = self._check_shape(layer, idx)
-        self._check_order(chosen)
+        ragged = self._check_order(chosen)
         kept: dict[int, torch.Tensor] = {}
         for layer, idx in chosen.items():
-            cache_layer = self.cache.layers[layer]
-            gather = idx[None, :, :, None].expand(1, -1, -1, cache_layer.keys.shape[-1])
-            cache_layer.keys = cache_layer.keys.gather(2, gather)
-            cache_layer.values = cache_layer.values.gather(2, gather)
-            self.positions[layer] = self.positions[layer].gather(1, idx)
+            if layer in ragged:
+                self._gather_ragged(layer, idx)
+            else:
+                cache_layer = self.cache.layers[layer]
+                gather = idx[None, :, :, None].expand(1, -1, -1, cache_layer.keys.shape[-1])
+                cache_layer.keys = cache_layer.keys.gather(2, gather)
+                cache_layer.values = cache_layer.values.gather(2, gather)
+                self.positions[layer] = self.positions[layer].gather(1, idx)
+                if self.padding.pop(layer, None) is not None:
+                    del self._pad_counts[layer]
             kept[layer] = self.positions[layer]
         return kept
+
+    def _gather_ragged(self, layer: int, idx: torch.Tensor) -> None:
+        """Shrink ``layer`` to a ragged selection: idx (kv_heads, n) with -1 on each head's padding."""
+        pad = idx < 0  # (kv_heads, n), True on the leading padded slots
+        safe = idx.clamp_min(0)  # padded slots copy some kept token: hidden from attention, never read
+        cache_layer = self.cache.layers[layer]
+        gather = safe[None, :, :, None].expand(1, -1, -1, cache_layer.keys.shape[-1])
+        cache_layer.keys = cache_layer.keys.gather(2, gather)
+        cache_layer.values = cache_layer.values.gather(2, gather)
+        self.positions[layer] = self.positions[layer].gather(1, safe).masked_fill_(pad, -1)
+        self.padding[layer] = pad.sum(dim=1)
+        self._pad_counts[layer] = self.padding[layer].tolist()
 
     def _check_shape(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         idx = idx.to(self.device, torch.long)
@@ -300,24 +327,45 @@ class MemorySequence:
             )
         return idx
 
-    def _check_order(self, chosen: dict[int, torch.Tensor]) -> None:
-        """Every layer's indices strictly ascending and in range, with one host sync per step."""
+    def _check_order(self, chosen: dict[int, torch.Tensor]) -> set[int]:
+        """Every layer's indices strictly ascending and in range, -1 (padding of a ragged selection)
+        only before a head's first index and never a whole row, with one host sync per step.
+        Returns the ragged layers (those with padding)."""
         if not chosen:
-            return
-        bad = torch.stack([
-            (idx.min() < 0) | (idx.max() >= self.positions[layer].shape[1]) | (idx[:, 1:] <= idx[:, :-1]).any()
-            for layer, idx in chosen.items()
-        ])  # (layers,) bool
+            return set()
+        checks = torch.stack([torch.stack([
+            (idx.min() < -1) | (idx.max() >= self.positions[layer].shape[1]) | (idx[:, -1] < 0).any()
+            | ((idx[:, 1:] <= idx[:, :-1]) & ((idx[:, 1:] >= 0) | (idx[:, :-1] >= 0))).any(),
+            (idx[:, 0] < 0).any(),
+        ]) for layer, idx in chosen.items()])  # (layers, 2) bool: bad, ragged
+        bad, ragged = checks.cpu().unbind(1)
         if bool(bad.any()):
             layer = list(chosen)[int(bad.int().argmax())]
             raise RuntimeError(
                 f"{type(self.policy).__name__}.select({layer}) must return strictly ascending indices in "
-                f"[0, {self.positions[layer].shape[1]})."
+                f"[0, {self.positions[layer].shape[1]}), each row possibly led by -1 (padding of a head "
+                "that keeps fewer tokens), never only -1."
             )
+        return {layer for layer, r in zip(chosen, ragged.tolist()) if r}
 
     # -- measurements --------------------------------------------------------------------------
-    def lengths(self) -> list[int]:
-        return [int(self.positions[layer].shape[1]) for layer in self.spec.managed_layers]
+    def lengths(self) -> list[float]:
+        """Tokens each managed layer keeps now: its cache length, or for a ragged layer the mean
+        over its KV heads of the tokens each holds (padding not counted)."""
+        out = []
+        for layer in self.spec.managed_layers:
+            n = int(self.positions[layer].shape[1])
+            pads = self._pad_counts.get(layer)
+            out.append(n if pads is None else n - sum(pads) / len(pads))
+        return out
+
+    def head_lengths(self) -> list[list[int]]:
+        """Per managed layer, the tokens each KV head holds now (padding not counted)."""
+        out = []
+        for layer in self.spec.managed_layers:
+            n = int(self.positions[layer].shape[1])
+            out.append([n - p for p in self._pad_counts.get(layer, [0] * self.spec.kv_heads)])
+        return out
 
     def _held(self):
         """(layer index, bytes of K and V held, tokens held) for every layer the cache has filled."""
@@ -334,4 +382,6 @@ class MemorySequence:
     def report(self) -> MemoryReport:
         """The memory report so far (definitions in :mod:`namm.report`)."""
         kv_full = sum(held // max(n, 1) * self.seen if i in self.positions else held for i, held, n in self._held())
-        return self.meter.report(self.kv_bytes(), kv_full)
+        report = self.meter.report(self.kv_bytes(), kv_full)
+        report.head_len = self.head_lengths()
+        return report

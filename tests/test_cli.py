@@ -30,6 +30,16 @@ def test_generate_reports_memory(capsys):
     assert mem["kv_bytes"] < 0.35 * mem["kv_bytes_full"]
 
 
+def test_generate_ada_reports_each_heads_tokens(capsys):
+    out = run_json(capsys, PROMPT, "--policy", "ada-snapkv", "--keep-ratio", "0.3", "--max-new-tokens", "8",
+                   "--delay", "128", "--chunk-size", "64")
+    mem = out["memory"]
+    # each layer keeps 2 x 159 tokens at the end of the prompt, shared unevenly by its 2 KV heads
+    assert [sum(heads) for heads in mem["head_len"]] == [2 * 166] * 3
+    assert any(a != b for a, b in mem["head_len"]) and mem["final_len"] == [166, 166, 166]
+    assert mem["kept_fraction"] == pytest.approx(166 / 534)
+
+
 def test_generate_reads_file_and_stdin(capsys, tmp_path, monkeypatch):
     doc = tmp_path / "doc.txt"
     doc.write_text(PROMPT)
@@ -48,6 +58,7 @@ def test_generate_reads_file_and_stdin(capsys, tmp_path, monkeypatch):
         (["--policy", "nope"], "Unknown policy"),
         (["--policy", "full", "--keep-ratio", "0.5"], "keeps every token"),
         (["--policy", "streaming", "--namm", "x"], "only apply to --policy namm"),
+        (["--policy", "snapkv", "--keep-ratio", "0.3", "--per-head"], "only apply to --policy namm"),
         (["--file", "/no/such/file.txt"], "does not exist"),
         (["--model", "no-such-org/no-such-model-xyz"], "Could not find model"),
     ],

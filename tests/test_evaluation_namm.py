@@ -112,3 +112,22 @@ def test_match_namm_measures_the_ratio_from_the_rows_and_resumes(tiny_llama, nam
     monkeypatch.setattr(Engine, "generate", refuse)
     third = run_evaluation(config, model, tok, progress=False)
     assert len(third) == 12 and len(load_rows(tmp_path / ROWS_FILE)) == 12
+
+
+def test_namm_per_head_adds_its_threshold_rows(tiny_llama, namm_dir, tmp_path):
+    """--namm-per-head: one more NAMM setting, its threshold rule per KV head; off by default."""
+    parser = build_parser()
+    assert config_from_args(parser.parse_args(["eval", "--methods", "namm"])).namm_per_head is False
+    config = config_from_args(parser.parse_args(["eval", "--methods", "namm", "--namm-per-head", "--namm", namm_dir,
+                                                 "--limit", "1", "--lengths", "420", "--out", str(tmp_path)]))
+    assert [v.setting for v in variants(config, NAMMConfig())] == [NAMM_THRESHOLD, "threshold per head"]
+    assert variants(config, NAMMConfig())[1].kwargs == {"namm": namm_dir, "keep": "threshold", "per_head": True}
+    with pytest.raises(ValueError, match="add namm to --methods"):
+        EvalConfig(tasks=["passkey"], methods=["h2o"], keep_ratios=[0.5], namm_per_head=True)
+    model, tok = tiny_llama
+    run_evaluation(config, model, tok, progress=False)
+    rows = {r["setting"]: r for r in load_rows(tmp_path / ROWS_FILE)}
+    assert set(rows) == {NAMM_THRESHOLD, "threshold per head"}
+    # the histories part after the first eviction step, so neither rule keeps fewer in general
+    assert rows["threshold per head"]["kept_fraction"] != rows[NAMM_THRESHOLD]["kept_fraction"]
+    assert all(0 < r["kept_fraction"] < 0.5 for r in rows.values())

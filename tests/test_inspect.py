@@ -125,3 +125,16 @@ def test_page_renders_in_headless_chromium(streaming_trace, tmp_path):
         assert errors == []
     finally:
         driver.quit()
+
+
+def test_trace_of_ragged_heads(tiny_llama):
+    """Ada-KV keeps ragged heads: the trace holds each head's own tokens, never the padding."""
+    model, tok = tiny_llama
+    trace = trace_memory(Engine(model, tok, config=SCHEDULE), PROMPT, make_policy("ada-snapkv", budget=40, window=8),
+                         max_new_tokens=6)
+    counts = trace.held.sum(-1)  # (layers, kv_heads)
+    assert counts.tolist() == trace.report.head_len and (counts[:, 0] != counts[:, 1]).any()
+    assert counts.sum(-1).tolist() == [2 * 40 + 2 * 5] * 3  # the layer's budget, shared, then 5 decoded
+    assert trace.curve_y[-1].tolist() == [45.0] * 3
+    ranked = ~np.isnan(trace.scores)
+    assert ranked[..., :150].all() and not ranked[..., 150:].any()

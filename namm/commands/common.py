@@ -68,6 +68,9 @@ def add_policy_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--namm", default=None, help="NAMM checkpoint folder, pretrained name or reference vector file "
                        "(default: the shipped NAMM evolved on --model, else the first shipped one)")
     group.add_argument("--max-cache", type=int, default=None, help="NAMM: cap on tokens kept per layer")
+    group.add_argument("--per-head", action="store_true", default=None,
+                       help="NAMM threshold mode: each KV head keeps exactly its own tokens scoring >= 0 "
+                            "(ragged heads) instead of the count of the head that keeps most")
 
 
 def model_from_args(args: argparse.Namespace):
@@ -109,8 +112,10 @@ def policy_from_args(args: argparse.Namespace) -> MemoryPolicy:
         kwargs["namm"] = args.namm if args.namm is not None else shipped_namm(getattr(args, "model", None))
         if args.max_cache is not None:
             kwargs["max_cache"] = args.max_cache
-    elif args.namm is not None or args.max_cache is not None:
-        raise ValueError("--namm and --max-cache only apply to --policy namm.")
+        if getattr(args, "per_head", None):
+            kwargs["per_head"] = True
+    elif args.namm is not None or args.max_cache is not None or getattr(args, "per_head", None):
+        raise ValueError("--namm, --max-cache and --per-head only apply to --policy namm.")
     if name in ("full",) and kwargs:
         raise ValueError("--policy full keeps every token; drop --budget/--keep-ratio or choose another policy.")
     try:

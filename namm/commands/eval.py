@@ -64,6 +64,9 @@ def add_parser(sub) -> None:
     p.add_argument("--match-namm", action="store_true",
                    help="also run each budgeted baseline at the NAMM's measured kept fraction (the mean final "
                         "kept fraction of its threshold rows, rounded to 3 decimals); needs namm in --methods")
+    p.add_argument("--namm-per-head", action="store_true",
+                   help="also run the NAMM's threshold rule per KV head (each head keeps exactly its own tokens "
+                        "scoring >= 0; setting 'threshold per head'); needs namm in --methods")
     p.add_argument("--limit", type=int, default=5, help="samples per task and length")
     p.add_argument("--out", default="eval-results", help="output folder (rows.jsonl, results.*)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic samples")
@@ -85,7 +88,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         split=args.split, filler=args.filler, chunk_size=args.chunk_size, delay=args.delay,
         evict_at_prefill_end=args.evict_at_prefill_end, evict_during_prefill=args.evict_during_prefill,
         namm=args.namm, data_dir=args.data_dir, chat=args.chat, dtype=args.dtype, device=args.device,
-        match_namm=args.match_namm,
+        match_namm=args.match_namm, namm_per_head=args.namm_per_head,
     )
 
 

@@ -19,12 +19,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["EvalConfig", "Variant", "variants", "run_evaluation", "load_rows", "row_key", "ROWS_FILE",
-           "matched_keep_ratio", "matched_setting", "NAMM_THRESHOLD"]
+           "matched_keep_ratio", "matched_setting", "NAMM_THRESHOLD", "NAMM_PER_HEAD"]
 
 ROWS_FILE = "rows.jsonl"
 BUDGETLESS = frozenset({"full"})  # run once, no budget
 EMERGENT = frozenset({"namm"})  # run in threshold mode (its own, emergent size) and in budget mode
 NAMM_THRESHOLD = "threshold"  # the setting label of the NAMM's own threshold rule
+NAMM_PER_HEAD = "threshold per head"  # the same, each KV head keeping its own tokens (--namm-per-head)
 
 
 CONDITION_DEFAULTS: dict[str, Any] = {"chunk_size": 128, "delay": 512, "evict_at_prefill_end": True,
@@ -42,6 +43,8 @@ class EvalConfig:
 
     ``match_namm``: also run every budgeted baseline at the NAMM's measured threshold-mode kept
     fraction (see :func:`matched_keep_ratio`); the NAMM's threshold rows run first.
+    ``namm_per_head``: also run the NAMM's threshold rule per KV head (each head keeps exactly its
+    own tokens scoring >= the threshold; ``NAMMPolicy(per_head=True)``), setting "threshold per head".
     """
 
     model: str = "smollm2"
@@ -65,6 +68,7 @@ class EvalConfig:
     dtype: str | None = None
     device: str | None = None
     match_namm: bool = False
+    namm_per_head: bool = False
 
     def __post_init__(self) -> None:
         if not self.tasks or not self.methods:
@@ -82,6 +86,8 @@ class EvalConfig:
         if self.match_namm and not EMERGENT & set(self.methods):
             raise ValueError("--match-namm runs the baselines at the NAMM's measured kept fraction: add namm to "
                              "--methods (and give --namm).")
+        if self.namm_per_head and not EMERGENT & set(self.methods):
+            raise ValueError("--namm-per-head runs the NAMM's threshold rule per KV head: add namm to --methods.")
         budgeted = [m for m in self.methods if m not in BUDGETLESS | EMERGENT]
         if budgeted and not (self.keep_ratios or self.budgets or self.match_namm):
             raise ValueError(
@@ -107,7 +113,8 @@ def variants(config: EvalConfig, namm: NAMMConfig | None = None, matched: float 
     ``full``: once, setting "full". A baseline: "keep=r" per ``keep_ratios``, "budget=B" per
     ``budgets`` and, given ``matched`` (the ``--match-namm`` ratio, see :func:`matched_keep_ratio`),
     "keep=r (namm)". The NAMM runs in both keep modes whatever mode it was evolved in (``namm``'s
-    recorded keep): "threshold" (its own rule, score >= threshold: the emergent size), "cap=B" per
+    recorded keep): "threshold" (its own rule, score >= threshold: the emergent size), with
+    ``namm_per_head`` "threshold per head" (the same rule per KV head), "cap=B" per
     ``budgets`` (threshold mode, at most B tokens per layer), then "keep=r" in budget mode (each
     head's top-k NAMM scores) at its recorded keep_ratio if it was evolved in budget mode, and at
     each of ``keep_ratios``.
@@ -130,6 +137,8 @@ def _namm_variants(method: str, config: EvalConfig, namm: NAMMConfig | None) -> 
     own = [namm.keep_ratio] if namm is not None and namm.keep == "budget" else []
     ratios = own + [r for r in config.keep_ratios if r not in own]
     out = [Variant(method, NAMM_THRESHOLD, {**base, "keep": "threshold"})]
+    if config.namm_per_head:
+        out.append(Variant(method, NAMM_PER_HEAD, {**base, "keep": "threshold", "per_head": True}))
     out += [Variant(method, f"cap={b}", {**base, "keep": "threshold", "max_cache": b}, budget=b) for b in config.budgets]
     return out + _sized(method, ratios, [], {**base, "keep": "budget"})
 

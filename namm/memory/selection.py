@@ -6,6 +6,10 @@ always kept, and so the cache stays a dense tensor every KV head of a layer keep
 of tokens, the *largest* per-head count of non-negative scores (heads with fewer also keep their
 best negative-score tokens). An optional ``max_cache`` first restricts each head to its top
 ``max_cache`` scores. Budget selection keeps a fixed top-k instead, for matched-size comparisons.
+
+Per-head threshold selection (:func:`threshold_mask`, an option, not the reference's rule) lets
+each head keep exactly its own tokens scoring >= 0; the engine then pads the layer's cache to its
+longest head and masks the padding (see :mod:`namm.sequence`).
 """
 
 from __future__ import annotations
@@ -48,6 +52,28 @@ def threshold_count(
         scores = capped.scatter(1, candidates, scores.gather(1, candidates))
     n_below = (scores < threshold).sum(dim=-1)  # (kv_heads,)
     return scores, n_tokens - n_below.min()
+
+
+def threshold_mask(
+    scores: torch.Tensor, threshold: float = 0.0, max_cache: int | None = None, held: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-head keep mask (kv_heads, cache_len): the tokens scoring >= ``threshold`` (the newest
+    always), each head on its own; with ``max_cache`` only each head's top-``max_cache`` count.
+
+    held: bool (kv_heads, cache_len), False on padded slots of a ragged cache (never kept).
+    """
+    if max_cache is not None and not (isinstance(max_cache, int) and max_cache >= 1):
+        raise ValueError(f"max_cache must be a positive number of tokens or None, got {max_cache!r}.")
+    scores = _prepare(scores)
+    if held is not None:
+        scores = scores.masked_fill(~held.to(scores.device), float("-inf"))
+    keep = scores >= threshold
+    if held is not None:
+        keep &= held.to(keep.device)
+    if max_cache is not None and scores.shape[-1] > max_cache:
+        top = torch.zeros_like(keep).scatter_(1, topk_indices(scores, max_cache), True)
+        keep &= top
+    return keep
 
 
 def threshold_select(

@@ -2,14 +2,17 @@
 
 ``make_policy(name, **kwargs)`` builds a policy from its registered name; each module registers
 its class in ``POLICIES`` below. Keys are lower case with "-" between words ("expected-attention");
-``make_policy`` also accepts "_" ("expected_attention") and any case.
+``make_policy`` also accepts "_" ("expected_attention") and any case. "ada-<name>" is the policy
+<name> with Ada-KV's per-head budgets (:mod:`namm.policies.adakv`): ``make_policy("ada-snapkv",
+budget=256, floor=0.2)``, ``namm eval --methods snapkv,ada-snapkv``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from namm.policies.base import BudgetMixin, CacheSpec, MemoryPolicy, SidePass, topk_indices
+from namm.policies.adakv import AdaExpectedAttention, AdaH2O, AdaKV, AdaPyramidKV, AdaSnapKV
+from namm.policies.base import BudgetMixin, CacheSpec, MemoryPolicy, SidePass, ragged_indices, topk_indices
 from namm.policies.expected_attention import ExpectedAttention
 from namm.policies.full import FullCache
 from namm.policies.h2o import H2O
@@ -34,6 +37,10 @@ POLICIES: dict[str, type[MemoryPolicy]] = {
     "pyramidkv": PyramidKV,
     "expected-attention": ExpectedAttention,
     "kvzip": KVzip,
+    "ada-snapkv": AdaSnapKV,
+    "ada-pyramidkv": AdaPyramidKV,
+    "ada-h2o": AdaH2O,
+    "ada-expected-attention": AdaExpectedAttention,
     "namm": NAMMPolicy,
 }
 
@@ -49,6 +56,11 @@ def make_policy(name: str, **kwargs: Any) -> MemoryPolicy:
 
 __all__ = [
     "H2O",
+    "AdaExpectedAttention",
+    "AdaH2O",
+    "AdaKV",
+    "AdaPyramidKV",
+    "AdaSnapKV",
     "POLICIES",
     "TOVA",
     "BudgetMixin",
@@ -65,5 +77,6 @@ __all__ = [
     "SnapKV",
     "StreamingLLM",
     "make_policy",
+    "ragged_indices",
     "topk_indices",
 ]

@@ -15,6 +15,11 @@ step whose KV is discarded, :class:`SidePass`).
 
 The policy prunes its own per-token state with the indices it returns, so its state always lines
 up with the cache the engine holds.
+
+Ragged selections: ``select`` may let the KV heads of a layer keep different numbers of tokens by
+leading each head's row with -1 (see :func:`ragged_indices`). The engine then pads the layer to its
+longest head, hides the padded slots from attention and hands them to ``observe`` at position -1
+(with zero attention); every later selection must drop them (they are never kept tokens).
 """
 
 from __future__ import annotations
@@ -125,7 +130,10 @@ class MemoryPolicy:
 
     def select(self, layer: int) -> torch.Tensor | None:
         """Indices to keep, (kv_heads, n_keep) int64, ascending per head, the same count for
-        every head; or None to keep everything. Called only at eviction steps."""
+        every head; or None to keep everything. Called only at eviction steps.
+
+        A head that keeps fewer tokens than the longest leads its row with -1 (ragged selection,
+        :func:`ragged_indices`); slots at position -1 are padding and must not be kept."""
         return None
 
     #: where the policy's work is timed (:mod:`namm.profiling`); the engine times its own sections on
@@ -192,6 +200,29 @@ def topk_indices(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     # stable descending sort: equal scores keep their chronological order
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     return order[..., :n_keep].sort(dim=-1).values
+
+
+def ragged_indices(keep: torch.Tensor) -> torch.Tensor:
+    """The :meth:`MemoryPolicy.select` indices of a per-head keep mask ``keep`` (kv_heads, cache_len).
+
+    Each head's kept slots ascending, right-aligned in a (kv_heads, n_max) row led by -1 (the
+    head's padding), n_max the largest per-head count; a dense (kv_heads, n) tensor when every head
+    keeps n tokens. Every head must keep at least one token.
+    """
+    counts = keep.sum(dim=-1)  # (kv_heads,)
+    n_max = int(counts.max().item())
+    slots = torch.arange(keep.shape[-1], device=keep.device).expand_as(keep)
+    ordered = torch.where(keep, slots, -1).sort(dim=-1).values  # -1 first, then kept slots ascending
+    return ordered[:, ordered.shape[-1] - n_max :]
+
+
+def gather_kept(values: torch.Tensor, keep: torch.Tensor, fill: float | int = 0) -> torch.Tensor:
+    """``values.gather(-1, keep)`` for ragged ``keep`` too: ``fill`` where ``keep`` is -1 (padding).
+
+    values: (..., kv_heads, cache_len); keep: (kv_heads, n) as :meth:`MemoryPolicy.select` returns it.
+    """
+    keep = keep.expand(*values.shape[:-2], *keep.shape)
+    return values.gather(-1, keep.clamp_min(0)).masked_fill_(keep < 0, fill)
 
 
 def tokens_seen(positions: torch.Tensor) -> int:

@@ -11,8 +11,9 @@ import torch
 from namm.memory.extra_features import AttentionMoments, extra_columns, vector_norms
 from namm.memory.features import RunningStats, StreamingSpectrogram, normalised_inputs
 from namm.memory.model import KEEP_MODES, NAMM
-from namm.memory.selection import budget_select, threshold_count
-from namm.policies.base import BudgetMixin, CacheSpec, MemoryPolicy, tokens_seen, topk_indices
+from namm.memory.selection import budget_select, threshold_count, threshold_mask
+from namm.policies.base import (BudgetMixin, CacheSpec, MemoryPolicy, gather_kept, ragged_indices, tokens_seen,
+                                topk_indices)
 
 _VECTOR_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".npy", ".safetensors")
 
@@ -32,7 +33,8 @@ class NAMMPolicy(MemoryPolicy):
     """Neural Attention Memory Model (Cetin et al., "An Evolved Universal Transformer Memory",
     arXiv 2410.13166): each layer's attention is streamed into per-token spectrogram EMAs; at an
     eviction step a small network (BAM) scores every token from its features and each KV head
-    keeps the tokens scoring >= 0 (the newest always; every head of a layer keeps the same count).
+    keeps the tokens scoring >= 0 (the newest always; every head of a layer keeps the same count,
+    unless ``per_head``).
     A NAMM whose features list ``extras`` also streams them (attention moments, key norms; see
     :mod:`namm.memory.extra_features`) and appends them to each token's features.
 
@@ -47,6 +49,14 @@ class NAMMPolicy(MemoryPolicy):
                budget-evolved NAMM then keeps its recorded keep_ratio).
     calibrate: keep everything and collect the feature normalisation statistics (``stats``);
                see :func:`namm.memory.calibration.calibrate`.
+    per_head:  threshold mode only: each KV head keeps exactly its own tokens scoring >= the
+               threshold (the newest always; ``max_cache`` caps each head) instead of the count of
+               the head that keeps most. The heads then hold ragged counts: the engine pads the
+               layer to its longest head and masks the padding, so a step stores what the shared
+               rule would (the longest head's count) but fewer tokens are attended and counted as
+               kept. Off by default (the paper's rule, and what saved NAMMs were evolved with).
+               The BAM scorer only looks at newer tokens and the padding is the oldest slots, and
+               key norms stay relative to the head's own tokens: padding changes no score.
     """
 
     namm: NAMM | str | Path | None = None
@@ -55,6 +65,7 @@ class NAMMPolicy(MemoryPolicy):
     keep_ratio: float | None = None
     calibrate: bool = False
     keep: str | None = None
+    per_head: bool = False
     needs_attention = True
     name = "namm"
     fork_fields = ("spectrogram", "positions", "moments", "key_norms")
@@ -80,6 +91,11 @@ class NAMMPolicy(MemoryPolicy):
         if self.budget is not None or self.keep_ratio is not None:
             BudgetMixin.check_budget(self)  # type: ignore[arg-type]
         self.keep = self._resolve_keep()
+        if not isinstance(self.per_head, bool):
+            raise ValueError(f"per_head must be true or false, got {self.per_head!r}.")
+        if self.per_head and self.keep != "threshold":
+            raise ValueError("per_head applies to the threshold mode (each head keeps its own tokens scoring >= "
+                             "the threshold); budget mode already keeps each head's own top-k.")
         self.stats = RunningStats(self.namm.config.features.norm_dim)
 
     def _resolve_keep(self) -> str:
@@ -115,7 +131,8 @@ class NAMMPolicy(MemoryPolicy):
         if self.keep == "budget":
             return f"budget, top-k NAMM scores, {super().describe_keep()}"
         cap = self.max_cache if self.max_cache is not None else self.namm.config.max_cache
-        return f"threshold (score >= {self.namm.config.threshold:g})" + (f", cap {cap} tokens" if cap else "")
+        heads = ", per head" if self.per_head else ""
+        return f"threshold (score >= {self.namm.config.threshold:g}){heads}" + (f", cap {cap} tokens" if cap else "")
 
     def reset(self, spec: CacheSpec) -> None:
         super().reset(spec)
@@ -152,6 +169,10 @@ class NAMMPolicy(MemoryPolicy):
         if not names:
             return None
         key_norms = None if self.key_norms is None else self.key_norms[layer]
+        if key_norms is not None and self.per_head:  # padding takes the mean of the head's tokens,
+            held = self.positions[layer] >= 0  # so norms stay relative to the tokens it holds
+            mean = (key_norms * held).sum(-1, keepdim=True) / held.sum(-1, keepdim=True)
+            key_norms = torch.where(held, key_norms, mean)
         return extra_columns(names, self.moments, layer, key_norms)
 
     def begin_eviction(self) -> None:
@@ -170,6 +191,12 @@ class NAMMPolicy(MemoryPolicy):
             plan = self._plan([layer])[layer]
         scores, candidates, n_keep = plan
         self.record_scores(layer, positions, scores)
+        if n_keep is None:  # per head: candidates is the keep mask
+            if bool(candidates.all()):
+                return None
+            keep = ragged_indices(candidates)
+            self.prune(layer, keep)
+            return keep
         if n_keep >= scores.shape[-1]:
             return None  # everything kept: nothing to gather
         keep = budget_select(scores, n_keep) if candidates is None else topk_indices(candidates, n_keep)
@@ -177,17 +204,20 @@ class NAMMPolicy(MemoryPolicy):
         return keep
 
     def prune(self, layer: int, keep: torch.Tensor) -> None:
-        """Keep the per-token state of the tokens ``keep`` (kv_heads, n_keep) of ``layer``."""
+        """Keep the per-token state of the tokens ``keep`` (kv_heads, n_keep) of ``layer`` (ragged:
+        padding, -1, copies a kept token's state and gets position -1)."""
+        positions = self.positions[layer]
+        self.positions[layer] = gather_kept(positions, keep.to(positions.device), -1)
+        keep = keep.clamp_min(0)
         self.spectrogram.prune(layer, keep)
         if self.moments is not None:
             self.moments.prune(layer, keep)
         if self.key_norms is not None:
             self.key_norms[layer] = self.key_norms[layer].gather(1, keep.to(self.key_norms[layer].device))
-        self.positions[layer] = self.positions[layer].gather(1, keep.to(self.positions[layer].device))
 
     def _plan(self, layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor | None, int]]:
         """Per layer: the scores (kv_heads, cache_len), the threshold candidates to rank (None in
-        budget mode) and how many tokens to keep.
+        budget mode) and how many tokens to keep; per head: the keep mask and None.
 
         One host sync for all layers: the token count (budget) or the keep counts (threshold).
         """
@@ -201,6 +231,9 @@ class NAMMPolicy(MemoryPolicy):
             counts = [BudgetMixin.n_keep(self, seen, s.shape[-1]) for s in scores]  # type: ignore[arg-type]
             return {layer: (s, None, n) for layer, s, n in zip(layers, scores, counts)}
         cap = self.max_cache if self.max_cache is not None else self.namm.config.max_cache
+        if self.per_head:
+            return {layer: (s, threshold_mask(s, self.namm.config.threshold, cap, self.positions[layer] >= 0), None)
+                    for layer, s in zip(layers, scores)}
         ranked = [threshold_count(s, self.namm.config.threshold, cap) for s in scores]
         counts = torch.stack([n_keep for _, n_keep in ranked]).tolist()
         return {layer: (s, c, n) for layer, s, (c, _), n in zip(layers, scores, ranked, counts)}

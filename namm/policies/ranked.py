@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from namm.policies.base import BudgetMixin, CacheSpec, MemoryPolicy, tokens_seen, topk_indices
+from namm.policies.base import BudgetMixin, CacheSpec, MemoryPolicy, gather_kept, tokens_seen, topk_indices
 
 
 def protect(scores: torch.Tensor, positions: torch.Tensor, n_sink: int = 0, n_recent: int = 0) -> torch.Tensor:
@@ -74,12 +74,16 @@ class RankedPolicy(BudgetMixin, MemoryPolicy):
         """Tokens this layer keeps now: the budget arithmetic, capped by the cache."""
         return self.n_keep(self.tokens_seen(positions), positions.shape[-1])
 
+    def keep_indices(self, layer: int, scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+        """Which tokens to keep given the scores: each head's top ``n_keep`` (Ada-KV overrides this)."""
+        return topk_indices(scores, n_keep)
+
     def select(self, layer: int) -> torch.Tensor | None:
         positions = self._positions[layer]
         n_keep = self.keep_count(layer, positions)
         scores = self.scores(layer, n_keep)
         self.record_scores(layer, positions, scores)
-        keep = topk_indices(scores, n_keep)
-        self._positions[layer] = positions.gather(-1, keep)
+        keep = self.keep_indices(layer, scores, n_keep)
+        self._positions[layer] = gather_kept(positions, keep, -1)
         self.prune(layer, keep)
         return keep

@@ -49,6 +49,7 @@ class SnapKV(RankedPolicy):
 
     def scores(self, layer: int, n_keep: int) -> torch.Tensor:
         votes = self._votes[layer].sum(dim=1)  # (kv_heads, cache_len)
+        votes = votes.masked_fill(self._positions[layer] < 0, 0.0)  # padding of ragged heads pools as zeros
         n_window = min(self.window, n_keep, votes.shape[-1])
         prefix = votes[:, : votes.shape[-1] - n_window]
         if prefix.shape[-1] > 0:

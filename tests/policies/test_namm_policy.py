@@ -7,6 +7,7 @@ import torch
 
 from namm.engine import Engine, EngineConfig
 from namm.memory.calibration import calibrate
+from namm.memory.extra_features import relative_log
 from namm.memory.model import NAMM, NAMMConfig
 from namm.policies import POLICIES, make_policy
 from namm.policies.namm import NAMMPolicy
@@ -187,3 +188,70 @@ def test_batched_scoring_under_the_engine(tiny_llama, monkeypatch, mode) -> None
         assert step_a == step_b and kept_a.keys() == kept_b.keys()
         for layer in kept_a:
             assert torch.equal(kept_a[layer], kept_b[layer])
+
+
+def key_norm_namm() -> NAMM:
+    """A NAMM whose score is the key-norm input, log(|k| / mean |k|) over the head's tokens: heads
+    of the tiny random model then keep different numbers of tokens."""
+    from namm.memory.features import FeatureConfig, RunningStats
+
+    features = FeatureConfig(extras=("key_norm",))
+    vec = torch.zeros(163 * features.feature_dim + 97)  # BAM with zero attention weights: z' = z
+    vec[-2] = 1.0  # w3 on the last input, the key norm
+    norm = RunningStats.from_mean_var(100.0, torch.cat([torch.full((17,), 0.02), torch.zeros(1)]), torch.ones(18))
+    return NAMM(NAMMConfig(features=features), params=vec, norm=norm)
+
+
+@pytest.mark.parametrize("max_cache", [None, 30])
+def test_per_head_threshold_keeps_each_heads_own_tokens(tiny_llama, max_cache) -> None:
+    """per_head: at every eviction step each KV head keeps exactly its tokens scoring >= 0 (the
+    newest always; with max_cache, those among its top max_cache), padding never; the heads' counts
+    differ, and the padded width is the largest count, which the shared rule keeps in every head."""
+    model, tok = tiny_llama
+    engine = Engine(model, tok, config=EngineConfig(chunk_size=32, delay=64, record_evictions=True))
+    policy = NAMMPolicy(key_norm_namm(), per_head=True, max_cache=max_cache)
+    scored, alone = [], []
+
+    def hook(layer, positions, scores):
+        scored.append((positions.clone(), scores.clone()))
+        for h in range(positions.shape[0]):  # padding changes no score: each head scored on its own
+            held = positions[h] >= 0
+            ema = policy.spectrogram.scoring_ema(layer)[h : h + 1, held]
+            key_norms = relative_log(policy.key_norms[layer][h : h + 1, held])[..., None]
+            alone.append((policy.namm.score(ema, positions[h : h + 1, held], key_norms)[0], scores[h, held]))
+
+    policy.score_hook = hook
+    _, seq = logits_under(engine, policy, prompt_ids(200, seed=3))
+    for expected, got in alone:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    kept_steps = [(step, layer, kept[layer]) for step, kept in seq.eviction_log for layer in sorted(kept)]
+    assert len(kept_steps) == len(scored) and kept_steps  # every step pruned every layer
+    ragged = False
+    for (_, _, kept), (positions, scores) in zip(kept_steps, scored):
+        widths = []
+        for h in range(positions.shape[0]):
+            held = positions[h] >= 0
+            newest = positions.shape[1] - 1
+            candidates = set(range(positions.shape[1]))
+            if max_cache is not None:  # the newest counts within the cap
+                order = sorted((i for i in candidates if held[i]), key=lambda i: (i != newest, -scores[h, i].item(), i))
+                candidates = set(order[:max_cache])
+            expected = {positions[h, i].item() for i in candidates if held[i] and (scores[h, i] >= 0 or i == newest)}
+            row = kept[h]
+            assert set(row[row >= 0].tolist()) == expected
+            widths.append(len(expected))
+        assert kept.shape[1] == max(widths)
+        ragged |= len(set(widths)) > 1
+    assert ragged
+    report = seq.report()
+    assert report.head_len == seq.head_lengths() and any(len(set(heads)) > 1 for heads in report.head_len)
+    assert report.kept_fraction < 1.0
+
+
+def test_per_head_is_an_option_of_the_threshold_mode() -> None:
+    assert NAMMPolicy(NAMM()).per_head is False
+    assert "per head" in NAMMPolicy(NAMM(), per_head=True).describe_keep()
+    with pytest.raises(ValueError, match="per_head applies to the threshold mode"):
+        NAMMPolicy(NAMM(), per_head=True, budget=10)
+    with pytest.raises(ValueError, match="per_head must be"):
+        NAMMPolicy(NAMM(), per_head="yes")
