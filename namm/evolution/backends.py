@@ -12,7 +12,9 @@ re-run on another one; a fresh actor is started only when none is left.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections import deque
 from typing import Any, Callable
 
@@ -77,6 +79,21 @@ def _import_ray():
     return ray
 
 
+@contextlib.contextmanager
+def _worker_niceness(config: RayConfig):
+    """``RAY_worker_niceness`` for the local Ray instance ``ray.init`` starts inside the block
+    (its raylet reads the environment once), then the environment as it was."""
+    key = "RAY_worker_niceness"
+    if config.address or config.worker_niceness is None or key in os.environ:
+        yield
+        return
+    os.environ[key] = str(int(config.worker_niceness))
+    try:
+        yield
+    finally:
+        del os.environ[key]
+
+
 class RayBackend:
     """Spread jobs over Ray actors, one per model replica; re-run the jobs of dead actors."""
 
@@ -89,8 +106,9 @@ class RayBackend:
         if self.config.actors < 1:
             raise ValueError(f"ray.actors must be >= 1, got {self.config.actors}.")
         if not ray.is_initialized():
-            ray.init(address=self.config.address or None, include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
+            with _worker_niceness(self.config):
+                ray.init(address=self.config.address or None, include_dashboard=False,
+                         log_to_driver=False, configure_logging=False)
         self.spec = spec
         self.norm: Any = None
         self._actor_class = ray.remote(_WorkerActor).options(

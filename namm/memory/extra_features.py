@@ -12,6 +12,13 @@ are cheap to stream:
                    the queries that gave it: high when many queries attended it evenly, 0 when a
                    single query did (or none).
 * ``attn_peak``    log of the largest attention any recent query gave it, decayed with age.
+* ``attn_sum``     log of the attention it received from every query since it entered, without
+                   decay: H2O's accumulated-attention score.
+* ``attn_last``    log of the attention the newest query gave it: TOVA's score (per KV head here;
+                   TOVA averages it over the heads).
+
+With ``attn_sum`` and ``attn_last`` a NAMM can express the H2O and TOVA rules and any blend of
+them with the other inputs.
 
 Attention statistics are streamed like the spectrogram: after each forward call the chunk's
 attention (kv_heads, new_queries, cache_len) is folded into a few numbers per token and dropped.
@@ -31,8 +38,8 @@ import torch
 
 from namm.memory.buffers import capacity_for, fresh, with_capacity
 
-EXTRA_FEATURES = ("value_norm", "key_norm", "attn_var", "attn_entropy", "attn_peak")
-NAMM_EXTRAS = ("key_norm", "attn_var", "attn_entropy", "attn_peak")  # what NAMMPolicy can stream
+EXTRA_FEATURES = ("value_norm", "key_norm", "attn_var", "attn_entropy", "attn_peak", "attn_sum", "attn_last")
+NAMM_EXTRAS = ("key_norm", "attn_var", "attn_entropy", "attn_peak", "attn_sum", "attn_last")  # what NAMMPolicy streams
 LOG_EPS = 1e-10  # floor inside the logs of variance and peak
 
 
@@ -60,17 +67,18 @@ class AttentionMoments:
 
     State per layer, each (kv_heads, cache_len): ``s`` = sum_i w_i a_i, ``s2`` = sum_i w_i a_i^2,
     ``t`` = sum_i w_i a_i log a_i, ``r`` = sum_i w_i a_i log w_i (keeps the entropy exact as the
-    weights decay), ``peak`` = max_i g**(T-1-i) a_i; plus ``total`` = sum_i w_i = 1 - g**T, the
-    same for every token. New tokens enter with zeros.
+    weights decay), ``peak`` = max_i g**(T-1-i) a_i, ``sum`` = sum_i a_i (no decay), ``last`` =
+    a_{T-1}; plus ``total`` = sum_i w_i = 1 - g**T, the same for every token. New tokens enter
+    with zeros.
     """
 
-    STATS = ("s", "s2", "t", "r", "peak")
+    STATS = ("s", "s2", "t", "r", "peak", "sum", "last")
 
     def __init__(self, ema_coeff: float = 0.99) -> None:
         if not 0.0 < float(ema_coeff) < 1.0:
             raise ValueError(f"ema_coeff must be in (0, 1), got {ema_coeff!r}.")
         self.ema_coeff = float(ema_coeff)
-        self._buffers: dict[int, torch.Tensor] = {}  # layer -> (5, kv_heads, capacity), see namm.memory.buffers
+        self._buffers: dict[int, torch.Tensor] = {}  # layer -> (len(STATS), kv_heads, capacity), see namm.memory.buffers
         self._n_tokens: dict[int, int] = {}
         self.total: dict[int, float] = {}
 
@@ -81,7 +89,7 @@ class AttentionMoments:
 
     @property
     def state(self) -> dict[int, dict[str, torch.Tensor]]:
-        """Layer -> {"s", "s2", "t", "r", "peak"} -> (kv_heads, cache_len) (views of the buffers)."""
+        """Layer -> {"s", "s2", "t", "r", "peak", "sum", "last"} -> (kv_heads, cache_len) (views of the buffers)."""
         return {layer: self._stats(layer) for layer in self._buffers}
 
     def _stats(self, layer: int) -> dict[str, torch.Tensor]:
@@ -116,6 +124,8 @@ class AttentionMoments:
         state["t"].mul_(decay).add_(torch.matmul(w, torch.xlogy(a, a)))  # 0 log 0 = 0
         recent_peak = (a * (g**age)[:, None]).amax(dim=1)  # (kv_heads, cache_len)
         torch.maximum(state["peak"].mul_(decay), recent_peak, out=state["peak"])
+        state["sum"].add_(a.sum(dim=1))
+        state["last"].copy_(a[:, -1])
         self.total[layer] = decay * self.total.get(layer, 0.0) + (1.0 - decay)
 
     def prune(self, layer: int, keep_idx: torch.Tensor) -> None:
@@ -148,6 +158,14 @@ class AttentionMoments:
     def peak(self, layer: int) -> torch.Tensor:
         """max_i g**(T-1-i) a_i: the strongest recent attention, decayed with its age."""
         return self.state[layer]["peak"]
+
+    def accumulated(self, layer: int) -> torch.Tensor:
+        """sum_i a_i over every query since the token entered (H2O's score)."""
+        return self.state[layer]["sum"]
+
+    def last(self, layer: int) -> torch.Tensor:
+        """The attention the newest query gave each token (TOVA's score, per head)."""
+        return self.state[layer]["last"]
 
 
 def extra_features(
@@ -187,6 +205,10 @@ def extra_columns(
             columns.append((_required(moments, name).variance(layer) + LOG_EPS).log())
         elif name == "attn_entropy":
             columns.append(_required(moments, name).entropy(layer))
+        elif name == "attn_sum":
+            columns.append((_required(moments, name).accumulated(layer) + LOG_EPS).log())
+        elif name == "attn_last":
+            columns.append((_required(moments, name).last(layer) + LOG_EPS).log())
         else:
             columns.append((_required(moments, name).peak(layer) + LOG_EPS).log())
     return torch.stack([c.float() for c in columns], dim=-1)

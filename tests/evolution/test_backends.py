@@ -62,3 +62,26 @@ def test_killed_actor_jobs_are_rerun_elsewhere(tiny_config, local_ray):
     assert victim not in backend.actors and len(backend.actors) == 1
     assert values(results) == values(expected)
     backend.close()
+
+
+def test_local_ray_workers_run_at_the_configured_niceness(tiny_config):
+    """Ray's own default worker niceness is 15; a Ray instance the backend starts uses the config's."""
+    import os
+
+    if ray.is_initialized():
+        ray.shutdown()
+    spec = EvolutionRun(tiny_config())._worker_spec()
+    backend = RayBackend(spec, RayConfig(actors=1, worker_niceness=3))
+    try:
+        assert "RAY_worker_niceness" not in os.environ  # restored after ray.init
+        niceness = ray.get(ray.remote(lambda: os.nice(0)).remote())
+        assert niceness == min(os.nice(0) + 3, 19)  # Ray adds it to the niceness of the process
+    finally:
+        backend.close()
+        ray.shutdown()
+
+
+def test_worker_niceness_is_checked():
+    with pytest.raises(ValueError, match="worker_niceness"):
+        RayConfig(worker_niceness=25)
+    assert RayConfig(worker_niceness=None).worker_niceness is None

@@ -24,7 +24,8 @@ def direct(series: torch.Tensor) -> dict[str, torch.Tensor]:
     p = mass / mass.sum(1, keepdim=True).clamp_min(1e-300)  # an unattended key: all zeros, entropy 0
     entropy = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(1)
     peak = (series * G**age).amax(1)
-    return {"mean": mean, "variance": var, "entropy": entropy, "peak": peak}
+    return {"mean": mean, "variance": var, "entropy": entropy, "peak": peak,
+            "accumulated": series.sum(1), "last": series[:, -1]}
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64])
@@ -87,6 +88,8 @@ def test_extra_features_stack_in_order() -> None:
     torch.testing.assert_close(out[..., 0], relative_log_norm(values))
     torch.testing.assert_close(out[..., 1], relative_log_norm(keys))
     torch.testing.assert_close(out[..., 3], moments.entropy(2))
+    torch.testing.assert_close(out[..., 5], (moments.accumulated(2) + 1e-10).log())
+    torch.testing.assert_close(out[..., 6], (moments.last(2) + 1e-10).log())
     swapped = extra_features(["attn_peak", "key_norm"], moments, 2, keys, values)
     torch.testing.assert_close(swapped, out[..., [4, 1]])
     with pytest.raises(ValueError, match="Unknown extra features"):
