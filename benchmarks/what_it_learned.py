@@ -25,10 +25,12 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from namm.analysis import AGE_EDGES, comparison_markdown, eviction_stats, plot_comparison
+from namm.analysis import (AGE_EDGES, comparison_markdown, eviction_stats, linear_readout, linear_readout_markdown,
+                           plot_comparison)
 from namm.commands.common import add_engine_args, add_model_args, model_from_args
 from namm.engine import Engine, EngineConfig, format_conditions
 from namm.evaluation.runner import EvalConfig, resolve_conditions, variants
+from namm.policies.namm import load_namm
 from namm.policies import make_policy
 from namm.tasks import load_task
 
@@ -100,10 +102,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.length} tokens, {config.split} split, seed {config.seed}), {stats[0].tokens} prompt tokens in all.",
         "", "Each prompt is read (one token generated), then every managed layer's cache is checked: a token "
         "counts as the fraction of that layer's KV heads still holding it.", ""])
-    (out / "learned.md").write_text(comparison_markdown(stats, header=header), encoding="utf-8")
+    text = comparison_markdown(stats, header=header)
+    readout = None
+    if namm is not None and namm.scorer.kind == "mlp" and namm.scorer.mlp_depth == 1:
+        readout = linear_readout(load_namm(config.namm))  # linear: its weights say what it scores
+        text += ("\n\n## The NAMM's weights (linear: score = w . z + b)\n\nInputs normalised with the frozen "
+                 "statistics, so a weight is the score per standard deviation; the age embedding as the score "
+                 "a token gets from its age alone.\n\n" + linear_readout_markdown(readout) + "\n")
+    (out / "learned.md").write_text(text, encoding="utf-8")
     (out / "learned.json").write_text(json.dumps({
         "command": command, "config": asdict(config), "conditions": conditions,
-        "runs": [s.to_dict() for s in stats]}, indent=1), encoding="utf-8")
+        "runs": [s.to_dict() for s in stats], "linear_readout": readout}, indent=1), encoding="utf-8")
     plot_comparison(stats, out / "learned.png", title=f"What the memory keeps: {config.model}")
     print(f"wrote {out / 'learned.md'}, {out / 'learned.json'}, {out / 'learned.png'}")
     return 0

@@ -23,8 +23,9 @@ from namm.engine import Engine
 from namm.inspect import token_pieces, trace_memory
 from namm.policies.base import MemoryPolicy
 
-__all__ = ["AGE_EDGES", "KINDS", "EvictionStats", "comparison_markdown", "eviction_stats", "piece_kind",
-           "plot_comparison", "template_mask", "token_kinds"]
+__all__ = ["AGE_EDGES", "KINDS", "EvictionStats", "comparison_markdown", "eviction_stats", "input_names",
+           "linear_readout", "linear_readout_markdown", "piece_kind", "plot_comparison", "template_mask",
+           "token_kinds"]
 
 log = logging.getLogger(__name__)
 
@@ -357,3 +358,61 @@ def _plot_heatmaps(fig, axes, stats: list[EvictionStats], kinds: list[str]) -> N
         ax.set_xticks(ticks, [str(s.layers[t]) for t in ticks], fontsize=7)
         ax.set_xlabel("layer")
     fig.colorbar(image, ax=list(axes), fraction=0.02, label="kept fraction")
+
+
+# -- what a linear NAMM weighs ----------------------------------------------------------------------
+
+
+def input_names(features) -> list[str]:
+    """Names of the NAMM inputs z in order (:func:`namm.memory.features.token_features`): the age
+    embedding, the spectrogram EMA bins, then the extras. ``features``: a FeatureConfig."""
+    half = features.recency_dim // 2
+    ages = [f"age sin w{i}" for i in range(half)] + [f"age cos w{i}" for i in range(half)]
+    bins = [f"spectrogram bin {b}" + (" (DC)" if b == 0 else "") for b in range(features.n_bins)]
+    return ages + bins + list(features.extras)
+
+
+def linear_readout(namm, ages: Sequence[int] = (0, 16, 64, 128, 256, 512, 768, 1024)) -> dict[str, Any]:
+    """What a linear NAMM (an ``mlp`` scorer of depth 1: score = w . z + b) weighs.
+
+    Every input but the age embedding is normalised with the frozen statistics, so its weight is
+    the score change per standard deviation of that input; the age embedding enters as a curve,
+    ``age_curve[r] = w_age . recency(r)``, the score a token of age r gets from its age alone.
+    Budget mode keeps the top scores, so only differences matter: the bias is irrelevant there.
+    """
+    import torch
+
+    from namm.memory.features import recency_embedding
+
+    cfg = namm.config
+    if cfg.scorer.kind != "mlp" or cfg.scorer.mlp_depth != 1:
+        raise ValueError(f"linear_readout needs a linear NAMM (scorer kind 'mlp', mlp_depth 1), got "
+                         f"kind {cfg.scorer.kind!r}" + (f", depth {cfg.scorer.mlp_depth}" if cfg.scorer.kind == "mlp" else "")
+                         + ".")
+    blocks = namm.scorer.blocks()
+    w = blocks["w0"].reshape(-1).double()
+    names = input_names(cfg.features)
+    if len(names) != w.numel():
+        raise ValueError(f"the scorer has {w.numel()} input weights but the features name {len(names)} inputs.")
+    r = cfg.features.recency_dim
+    positions = torch.tensor([[max(ages) - a for a in ages]], dtype=torch.long)  # newest last: age = max - p
+    order = torch.argsort(positions[0])
+    emb = recency_embedding(positions[:, order], r, cfg.features.recency_max_freq, dtype=torch.float64)[0]
+    curve = (emb @ w[:r]).tolist() if r else [0.0] * len(ages)
+    by_age = dict(zip([ages[i] for i in order.tolist()], curve))
+    return {"weights": dict(zip(names[r:], w[r:].tolist())), "age_weights": dict(zip(names[:r], w[:r].tolist())),
+            "bias": float(blocks["b0"].reshape(-1)[0]), "age_curve": {int(a): by_age[a] for a in sorted(by_age)}}
+
+
+def linear_readout_markdown(readout: dict[str, Any], top: int = 12) -> str:
+    """The readout as two tables: the largest input weights, and the score from age alone."""
+    weights = sorted(readout["weights"].items(), key=lambda kv: -abs(kv[1]))
+    lines = ["| input (normalised) | weight |", "| --- | ---: |"]
+    lines += [f"| {name} | {value:+.3f} |" for name, value in weights[:top]]
+    if len(weights) > top:
+        lines.append(f"| ({len(weights) - top} more, each \\|w\\| <= {abs(weights[top][1]):.3f}) | |")
+    curve = readout["age_curve"]
+    lines += ["", "| age (tokens) | " + " | ".join(str(a) for a in curve) + " |",
+              "| --- | " + " | ".join("---:" for _ in curve) + " |",
+              "| score from age | " + " | ".join(f"{v:+.3f}" for v in curve.values()) + " |"]
+    return "\n".join(lines)

@@ -134,3 +134,47 @@ def test_benchmark_script_writes_the_comparison(tmp_path):
     assert data["conditions"]["delay"] == 64 and data["runs"][-1]["n_prompts"] == 1
     assert data["runs"][-1]["by_age"]["0-63"]["kept"] == 1.0  # StreamingLLM keeps the newest
     assert (tmp_path / "out" / "learned.png").stat().st_size > 10_000
+    assert data["linear_readout"] is None and "weights" not in text  # a BAM has no readout
+
+    from namm.memory import NAMMConfig
+
+    linear = NAMMConfig(scorer={"kind": "mlp", "mlp_depth": 1}, features={"extras": ["attn_last"]})
+    w = torch.zeros(27)
+    w[-2] = 1.0  # score = attn_last, TOVA's rule per head
+    NAMM(linear, w).save_pretrained(tmp_path / "linear")
+    argv[argv.index("--namm") + 1], argv[argv.index("--out") + 1] = str(tmp_path / "linear"), str(tmp_path / "lin")
+    assert script.main(argv) == 0
+    data = json.loads((tmp_path / "lin" / "learned.json").read_text(encoding="utf-8"))
+    assert data["linear_readout"]["weights"]["attn_last"] == 1.0
+    assert "| attn_last | +1.000 |" in (tmp_path / "lin" / "learned.md").read_text(encoding="utf-8")
+
+
+def test_linear_readout_names_each_weight_and_the_age_curve() -> None:
+    import math
+
+    from namm.analysis import input_names, linear_readout, linear_readout_markdown
+    from namm.memory import NAMMConfig
+
+    config = NAMMConfig(scorer={"kind": "mlp", "mlp_depth": 1}, features={"extras": ["key_norm", "attn_sum"]})
+    n_in = config.features.feature_dim
+    names = input_names(config.features)
+    assert n_in == len(names) == 8 + 17 + 2
+    assert names[0] == "age sin w0" and names[4] == "age cos w0" and names[8] == "spectrogram bin 0 (DC)"
+    assert names[-2:] == ["key_norm", "attn_sum"]
+    w = torch.zeros(n_in + 1, dtype=torch.float64)
+    w[4] = 1.5  # age cos w0: frequency 1, so the age term is 1.5 cos(r)
+    w[names.index("spectrogram bin 3")] = -0.25
+    w[names.index("attn_sum")] = 2.0
+    w[-1] = 7.0  # the bias
+    namm = NAMM(config, w.float())
+    readout = linear_readout(namm, ages=(0, 3, 10))
+    assert readout["weights"]["attn_sum"] == pytest.approx(2.0)
+    assert readout["weights"]["spectrogram bin 3"] == pytest.approx(-0.25)
+    assert readout["bias"] == pytest.approx(7.0)
+    assert list(readout["age_curve"]) == [0, 3, 10]
+    for age, value in readout["age_curve"].items():
+        assert value == pytest.approx(1.5 * math.cos(age), abs=1e-6)
+    table = linear_readout_markdown(readout, top=2)
+    assert table.splitlines()[2] == "| attn_sum | +2.000 |" and "17 more" in table
+    with pytest.raises(ValueError, match="linear NAMM"):
+        linear_readout(NAMM())
