@@ -53,7 +53,8 @@ class BenchConfig:
 
     model: str = DEFAULT_MODEL
     lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
-    methods: tuple[str, ...] = ("full", "streaming", "h2o", "snapkv", "tova", "namm")
+    methods: tuple[str, ...] = ("full", "streaming", "h2o", "snapkv", "tova", "expected-attention", "kvzip",
+                                "ada-snapkv", "namm")
     keep_ratio: float = 0.25
     decode_lengths: tuple[int, ...] = (4096, 8192)
     decode_tokens: int = 32

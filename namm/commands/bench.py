@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from namm.bench.run import BenchConfig
 from namm.commands.eval import _csv
 from namm.models import DEFAULT_MODEL
 from namm.policies import POLICIES
@@ -24,7 +25,7 @@ def add_parser(sub) -> None:
                    "speed and keep-all error against float32")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--lengths", type=_csv(int), default=[1024, 2048, 4096, 8192], help="prompt lengths in tokens")
-    p.add_argument("--methods", type=_csv(str), default=["full", "streaming", "h2o", "snapkv", "tova", "namm"],
+    p.add_argument("--methods", type=_csv(str), default=list(BenchConfig.methods),
                    help=f"comma-separated: {', '.join(POLICIES)} (namm runs keeping everything and at --keep-ratio)")
     p.add_argument("--keep-ratio", type=float, default=0.25, help="fraction kept by the baselines and the NAMM row")
     p.add_argument("--decode-lengths", type=_csv(int), default=[4096, 8192],
