@@ -2,7 +2,7 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-EXTRAS ?= dev,bench,ray
+EXTRAS ?= dev,bench,ray,rl
 
 .PHONY: setup demo test test-slow clean
 

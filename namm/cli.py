@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("generate", "inspect", "calibrate", "eval", "evolve", "export", "bench")
+COMMANDS = ("generate", "inspect", "calibrate", "eval", "evolve", "export", "bench", "rl")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as exc:
         if args.verbose:
             raise
         print(f"namm {args.command}: error: {exc}", file=sys.stderr)

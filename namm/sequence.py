@@ -120,6 +120,11 @@ class MemorySequence:
 
     ``tokenizer`` is handed to policies that run a side pass (KVzip builds its repeat prompt with
     it); ``side_tokens`` counts the tokens such passes ran.
+
+    Inputs are token ids or, for any model fed embeddings (a Decision Transformer's return, state
+    and action vectors, a multimodal model's projected inputs), ``inputs_embeds`` rows: both go
+    through the same chunks, positions, policy calls and eviction schedule. Policies that re-read
+    the context as token ids (a side pass, KVzip) refuse embedding inputs.
     """
 
     def __init__(self, model, policy: MemoryPolicy, config: EngineConfig, tokenizer=None):
@@ -155,38 +160,63 @@ class MemorySequence:
         policy.reset(self.spec)
 
     # -- feeding -------------------------------------------------------------------------------
-    def feed(self, ids: torch.Tensor, all_logits: bool = False, end_of_prompt: bool = False,
-             prefix_store: PrefixStore | None = None) -> torch.Tensor:
-        """Run ``ids`` (1-D or (1, n)) through the model in scheduled chunks.
+    def feed(self, ids: torch.Tensor | None = None, all_logits: bool = False, end_of_prompt: bool = False,
+             prefix_store: PrefixStore | None = None, *, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Run ``ids`` (1-D or (1, n)), or ``embeds`` ((n, hidden) or (1, n, hidden), the model's
+        ``inputs_embeds``), through the model in scheduled chunks.
 
-        Returns logits (n, vocab) if ``all_logits`` else the last position's (vocab,).
+        Returns logits (n, vocab) if ``all_logits`` else the last position's (vocab,): whatever the
+        model's head outputs (a Decision Transformer's action head, see :mod:`namm.rl.model`).
         ``prefix_store``: on an empty sequence, read the tokens up to the first eviction step from
-        the store (or compute them and store them), see :mod:`namm.prefix`.
+        the store (or compute them and store them), see :mod:`namm.prefix` (token ids only).
         """
-        ids = ids.reshape(-1).to(self.device)
+        if ids is None and embeds is None:
+            raise ValueError("feed() needs token ids or embeds.")
+        inputs = ids.reshape(-1).to(self.device) if embeds is None else self._check_embeds(embeds, ids, prefix_store)
+        n = inputs.shape[0]
         outputs, done, pending = [], 0, None
         if prefix_store is not None and self.seen == 0 and not all_logits:
-            n_prefix = self.first_eviction_point(ids.numel(), end_of_prompt)
-            key = prefix_key(self, ids[:n_prefix])
+            n_prefix = self.first_eviction_point(n, end_of_prompt)
+            key = prefix_key(self, inputs[:n_prefix])
             snap = None if key is None else prefix_store.get(key)
             if snap is not None:
                 outputs.append(restore_snapshot(self, snap)[None])
                 done = n_prefix
-                self._evict_on_grid(end_of_prompt, end_of_prompt and done == ids.numel())
+                self._evict_on_grid(end_of_prompt, end_of_prompt and done == n)
             elif key is not None:
                 pending = (key, n_prefix)
-        for start, stop in list(self._chunks(ids.numel() - done)):
-            logits = self._forward(ids[done + start : done + stop], all_logits)
+        for start, stop in list(self._chunks(n - done)):
+            logits = self._forward(inputs[done + start : done + stop], all_logits)
             outputs.append(logits)
             if pending is not None and self.seen == pending[1]:
                 prefix_store.put(pending[0], take_snapshot(self, logits[-1]))
-            self._evict_on_grid(end_of_prompt, end_of_prompt and done + stop == ids.numel())
+            self._evict_on_grid(end_of_prompt, end_of_prompt and done + stop == n)
         if end_of_prompt and self.config.evict_at_prefill_end:
             if self.seen % self.config.delay != 0 or not self.config.evict_during_prefill:
                 self.evict(prompt_end=True)
         if end_of_prompt:
             self.meter.end_prompt()
         return torch.cat(outputs, dim=0) if all_logits else outputs[-1][-1]
+
+    def _check_embeds(self, embeds: torch.Tensor, ids: torch.Tensor | None,
+                      prefix_store: PrefixStore | None) -> torch.Tensor:
+        """``embeds`` as (n, hidden) on the model's device and dtype, or a clear error."""
+        if ids is not None:
+            raise ValueError("feed() takes token ids or embeds, not both.")
+        if prefix_store is not None:
+            raise ValueError("Prefix sharing keys prompts by their token ids; feed embeds without a prefix_store.")
+        if self._side:
+            raise ValueError(
+                f"{type(self.policy).__name__} re-reads the cached context as token ids in a side pass, which "
+                "embedding inputs do not have; choose a policy without one (e.g. snapkv, h2o, tova).")
+        hidden = self.model.get_input_embeddings().embedding_dim
+        if embeds.dim() == 3 and embeds.shape[0] == 1:
+            embeds = embeds[0]
+        if embeds.dim() != 2 or embeds.shape[-1] != hidden or embeds.shape[0] == 0:
+            raise ValueError(f"embeds must be (n, {hidden}) or (1, n, {hidden}) with n >= 1 (batch size 1), "
+                             f"got shape {tuple(embeds.shape)}.")
+        param = next(self.model.parameters())
+        return embeds.to(device=param.device, dtype=param.dtype)
 
     def _evict_on_grid(self, end_of_prompt: bool, prompt_end: bool) -> None:
         if self.seen % self.config.delay == 0 and (self.config.evict_during_prefill or not end_of_prompt):
@@ -208,14 +238,16 @@ class MemorySequence:
             yield start, stop
             start = stop
 
-    def _forward(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
-        n = ids.numel()
+    def _forward(self, inputs: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        """One forward call of token ids (n,) int64, or of embeddings (n, hidden)."""
+        n = inputs.shape[0]
         pos = torch.arange(self.seen, self.seen + n, device=self.device)
         for layer in self.positions:
             self.positions[layer] = torch.cat([self.positions[layer], pos.expand(self.spec.kv_heads, n)], dim=1)
+        given = {"input_ids": inputs[None]} if inputs.dim() == 1 else {"inputs_embeds": inputs[None]}
         with torch.inference_mode():
             out = self.model(
-                input_ids=ids[None],
+                **given,
                 position_ids=pos[None],
                 use_cache=True,
                 logits_to_keep=0 if all_logits else 1,
@@ -224,7 +256,7 @@ class MemorySequence:
             )
         self.seen += n
         if self._side:
-            self._ids, self._id_positions = torch.cat([self._ids, ids]), torch.cat([self._id_positions, pos])
+            self._ids, self._id_positions = torch.cat([self._ids, inputs]), torch.cat([self._id_positions, pos])
         self.meter.after_forward(self.lengths(), n, self.seen, self.kv_bytes())
         return out.logits[0].float()
 

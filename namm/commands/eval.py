@@ -32,6 +32,7 @@ from pathlib import Path
 from namm.commands.common import add_engine_args, add_model_args, model_from_args
 from namm.evaluation import EvalConfig, run_evaluation
 from namm.policies import POLICIES
+from namm.rl.envs import TASKS
 from namm.tasks import FILLERS, SYNTHETIC_TASKS
 
 
@@ -53,7 +54,9 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--tasks", type=_csv(str), default=["passkey"],
                    help=f"comma-separated: synthetic ({', '.join(SYNTHETIC_TASKS)}), longbench:<task>, "
-                        "infinitebench:<task>, choubun:<task>, or .jsonl paths")
+                        "infinitebench:<task>, choubun:<task>, or .jsonl paths; or one control task rl:<task> "
+                        f"({', '.join(TASKS)}: a Decision Transformer's episodes, --model its folder, default "
+                        "runs/rl/<task>/dt)")
     p.add_argument("--lengths", type=_csv(int), default=[2048],
                    help="prompt lengths in tokens (synthetic tasks are generated at each; benchmark prompts "
                         "are middle-truncated to each)")
@@ -67,7 +70,7 @@ def add_parser(sub) -> None:
     p.add_argument("--namm-per-head", action="store_true",
                    help="also run the NAMM's threshold rule per KV head (each head keeps exactly its own tokens "
                         "scoring >= 0; setting 'threshold per head'); needs namm in --methods")
-    p.add_argument("--limit", type=int, default=5, help="samples per task and length")
+    p.add_argument("--limit", type=int, default=5, help="samples per task and length (episodes for rl: tasks)")
     p.add_argument("--out", default="eval-results", help="output folder (rows.jsonl, results.*)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic samples")
     p.add_argument("--split", choices=("train", "test"), default="test", help="synthetic split (default: held-out test)")
@@ -98,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         if method not in POLICIES:
             raise ValueError(f"Unknown method {method!r}; known: {', '.join(POLICIES)}.")
     quiet = getattr(args, "quiet", False)
-    model, tokenizer = model_from_args(args)  # with a loading bar unless --quiet
+    # a language model with a loading bar unless --quiet; an rl: task loads its Decision Transformer itself
+    model, tokenizer = (None, None) if config.control_task else model_from_args(args)
     run_evaluation(config, model, tokenizer, progress=not quiet)
     out = Path(config.out)
     print((out / "results.md").read_text(encoding="utf-8"))

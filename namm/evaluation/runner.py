@@ -1,5 +1,10 @@
 """Methods x tasks x lengths x budgets on one model: one row per generated sample, appended to
-``rows.jsonl`` as soon as it is scored, so an interrupted run resumes where it stopped."""
+``rows.jsonl`` as soon as it is scored, so an interrupted run resumes where it stopped.
+
+A *suite* runs one row: :class:`TextTasks` generates an answer to a prompt and scores it by the
+task's metric; ``rl:<task>`` tasks run :class:`namm.rl.evaluate.ControlEpisodes` (a Decision
+Transformer's episode in its environment, scored by normalised return). Everything else, the
+variants, the resume, ``--match-namm`` and the reports, is shared."""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["EvalConfig", "Variant", "variants", "run_evaluation", "load_rows", "row_key", "ROWS_FILE",
-           "matched_keep_ratio", "matched_setting", "NAMM_THRESHOLD", "NAMM_PER_HEAD"]
+           "matched_keep_ratio", "matched_setting", "NAMM_THRESHOLD", "NAMM_PER_HEAD", "TextTasks", "is_control_task"]
 
 ROWS_FILE = "rows.jsonl"
 BUDGETLESS = frozenset({"full"})  # run once, no budget
@@ -79,8 +84,18 @@ class EvalConfig:
             raise ValueError(f"keep ratios must be in (0, 1], got {self.keep_ratios}.")
         if any(b < 1 for b in self.budgets) or any(n < 1 for n in self.lengths):
             raise ValueError("budgets and lengths are positive numbers of tokens.")
+        control = [t for t in self.tasks if is_control_task(t)]
+        if control and (len(control) > 1 or len(self.tasks) > 1):
+            raise ValueError(f"An rl: task runs its own Decision Transformer (--model): evaluate one per run, not "
+                             f"{', '.join(self.tasks)}.")
+        if control:
+            _check_control_methods(self.methods)
         for task in self.tasks:
-            if resolve_task(task)[0] == "continuation":  # also fails fast on a typo
+            if task in control:
+                from namm.rl.envs import get_task
+
+                get_task(task)  # fails fast on a typo
+            elif resolve_task(task)[0] == "continuation":  # also fails fast on a typo
                 raise ValueError(f"{task!r} is a likelihood objective for `namm evolve` ([[tasks]]); namm eval "
                                  "scores generated answers: choose a generation task.")
         if self.match_namm and not EMERGENT & set(self.methods):
@@ -94,6 +109,26 @@ class EvalConfig:
                 f"{', '.join(budgeted)} need a cache size: give --keep-ratios (e.g. 0.25,0.5), --budgets (tokens) "
                 "or --match-namm."
             )
+
+    @property
+    def control_task(self) -> str | None:
+        """The ``rl:<task>`` this run evaluates, or None for language tasks."""
+        return self.tasks[0] if is_control_task(self.tasks[0]) else None
+
+
+def _check_control_methods(methods: list[str]) -> None:
+    """Control tasks feed embeddings: refuse up front the methods that re-read the context as token ids."""
+    from namm.policies import POLICIES
+
+    side = [m for m in methods if getattr(POLICIES.get(m), "needs_side_pass", False)]
+    if side:
+        raise ValueError(f"{', '.join(side)} re-read the cached context as token ids in a side pass; a Decision "
+                         "Transformer is fed embeddings (returns, states, actions), so drop them for rl: tasks.")
+
+
+def is_control_task(name: str) -> bool:
+    """Whether ``name`` is a control task (``rl:<task>``, :mod:`namm.rl`) rather than a language one."""
+    return name.startswith("rl:")
 
 
 @dataclass(frozen=True)
@@ -233,16 +268,22 @@ def _work(config: EvalConfig, tokenizer, window: int | None) -> Iterator[tuple[s
 
 
 def _row(variant: Variant, task: str, length: int | None, sample: Sample, out) -> dict[str, Any]:
-    report = out.report
-    return {
-        "method": variant.method, "setting": variant.setting, "task": task, "length": length,
-        "sample_id": sample.id, "keep_ratio": variant.keep_ratio, "budget": variant.budget,
+    return make_row(variant, task, length, sample.id, {
         "score": score_sample(sample, out.text), "metric": sample.metric, "prediction": out.text,
         "answers": sample.answers, "prompt_tokens": out.prompt_tokens, "new_tokens": len(out.token_ids),
+    }, out.report, {"tokens_per_s": out.timings.get("tokens_per_s"), "total_s": out.timings.get("total_s")})
+
+
+def make_row(variant: Variant, task: str, length: int | None, sample_id: str, result: dict[str, Any], report,
+             timings: dict[str, Any]) -> dict[str, Any]:
+    """One ``rows.jsonl`` row: which variant and sample, the suite's ``result`` (``score`` at least),
+    the memory the engine measured (a :class:`~namm.report.MemoryReport`) and ``timings``."""
+    return {
+        "method": variant.method, "setting": variant.setting, "task": task, "length": length,
+        "sample_id": sample_id, "keep_ratio": variant.keep_ratio, "budget": variant.budget, **result,
         "kept_fraction": report.kept_fraction, "mean_fraction": report.mean_fraction,
         "peak_fraction": report.peak_fraction, "kv_bytes": report.kv_bytes,
-        "kv_bytes_full": report.kv_bytes_full, "peak_kv_bytes": report.peak_kv_bytes,
-        "tokens_per_s": out.timings.get("tokens_per_s"), "total_s": out.timings.get("total_s"),
+        "kv_bytes_full": report.kv_bytes_full, "peak_kv_bytes": report.peak_kv_bytes, **timings,
     }
 
 
@@ -250,22 +291,26 @@ def run_evaluation(config: EvalConfig, model=None, tokenizer=None, progress: boo
     """Run every missing row, append each to ``<out>/rows.jsonl``, write the reports; return all
     rows of this configuration (finished earlier or now).
 
+    ``model`` / ``tokenizer``: the language model, or for an ``rl:`` task the
+    :class:`~namm.rl.model.DecisionTransformer` (no tokenizer); loaded from ``config.model`` if None.
     With ``match_namm`` the NAMM's threshold rows run first; the matched keep ratio comes from
     them (finished or new), so a rerun finds the same ratio and skips the finished matched rows.
     """
-    from namm.engine import Engine, EngineConfig, format_conditions
+    from namm.engine import EngineConfig
     from namm.evaluation.report import write_reports
     from namm.policies import make_policy
 
     out_dir = Path(config.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if config.control_task is not None:
+        from namm.rl.evaluate import ControlEpisodes as Suite
+    else:
+        Suite = TextTasks
     if model is None:
-        from namm.models import load_model
-
-        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+        config, model, tokenizer = Suite.load(config)
     config, namm = resolve_conditions(config, tokenizer)
     (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
-    engine = Engine(model, tokenizer, config=EngineConfig(
+    suite = Suite(config, model, tokenizer, EngineConfig(
         chunk_size=config.chunk_size, delay=config.delay, evict_at_prefill_end=config.evict_at_prefill_end,
         evict_during_prefill=config.evict_during_prefill))
     # build each policy once up front so a bad setting fails before any work (1.0 stands in for
@@ -274,13 +319,13 @@ def run_evaluation(config: EvalConfig, model=None, tokenizer=None, progress: boo
         make_policy(v.method, **v.kwargs)
     rows_path = out_dir / ROWS_FILE
     done = {row_key(r["method"], r["setting"], r["task"], r["length"], r["sample_id"]): r for r in load_rows(rows_path)}
-    work = list(_work(config, tokenizer, engine.max_length()))
-    notes = _label_notes(config)
+    work = suite.work()
+    notes = _label_notes(config) + suite.notes()
     matched = None
     with rows_path.open("a", encoding="utf-8") as handle:
         if config.match_namm:
             threshold = [v for v in variants(config, namm) if v.method in EMERGENT and v.setting == NAMM_THRESHOLD]
-            _run_missing(engine, config, threshold, work, done, handle, progress)
+            _run_missing(suite, threshold, work, done, handle, progress)
             namm_rows = [done[row_key(v.method, v.setting, t, ln, s.id)] for v in threshold for t, ln, s in work]
             matched = matched_keep_ratio(namm_rows)
             log.info("--match-namm: the NAMM kept %.4f of the tokens seen (final, mean of %d rows) -> keep ratio %g",
@@ -289,15 +334,54 @@ def run_evaluation(config: EvalConfig, model=None, tokenizer=None, progress: boo
                          f"kept fraction of its {NAMM_THRESHOLD} rows over all {len(namm_rows)} samples, rounded to "
                          "3 decimals.")
         plan = variants(config, namm, matched)
-        _run_missing(engine, config, plan, work, done, handle, progress)
+        _run_missing(suite, plan, work, done, handle, progress)
     wanted = {row_key(v.method, v.setting, t, ln, s.id) for v in plan for t, ln, s in work}
     rows = [r for k, r in done.items() if k in wanted]
-    conditions = engine.conditions(chat=config.chat)
     evolved = f"; the NAMM was evolved with {make_policy('namm', namm=config.namm).describe_keep()}" if namm else ""
-    conditions["keep"] = f"per setting{evolved}"
-    write_reports(rows, out_dir, title=f"namm eval: {config.model}", conditions=format_conditions(conditions),
-                  notes=notes)
+    write_reports(rows, out_dir, title=f"namm eval: {config.model}",
+                  conditions=suite.conditions(f"per setting{evolved}"), notes=notes)
     return rows
+
+
+class TextTasks:
+    """Language tasks: each sample's prompt generated under the policy, scored by the task's metric.
+
+    A suite (see the module docstring) knows how to load its model (``load``), list the work
+    (``work``: (task, length, sample) with ``sample.id``), run one row (``run``) and describe the
+    conditions every method ran under (``conditions``) and its rows (``notes``).
+    """
+
+    unit = "gen"
+
+    def __init__(self, config: EvalConfig, model, tokenizer, engine_config) -> None:
+        from namm.engine import Engine
+
+        self.config, self.tokenizer = config, tokenizer
+        self.engine = Engine(model, tokenizer, config=engine_config)
+
+    @staticmethod
+    def load(config: EvalConfig) -> tuple[EvalConfig, Any, Any]:
+        from namm.models import load_model
+
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+        return config, model, tokenizer
+
+    def work(self) -> list[tuple[str, int | None, Sample]]:
+        return list(_work(self.config, self.tokenizer, self.engine.max_length()))
+
+    def run(self, variant: Variant, task: str, length: int | None, sample: Sample, policy) -> dict[str, Any]:
+        chat = self.config.chat and not sample.meta.get("no_chat", False)
+        out = self.engine.generate(sample.prompt, max_new_tokens=sample.max_new_tokens, stop=sample.stop,
+                                   chat=chat, policy=policy)
+        return _row(variant, task, length, sample, out)
+
+    def conditions(self, keep: str) -> str:
+        from namm.engine import format_conditions
+
+        return format_conditions({**self.engine.conditions(chat=self.config.chat), "keep": keep})
+
+    def notes(self) -> list[str]:
+        return []
 
 
 def _label_notes(config: EvalConfig) -> list[str]:
@@ -308,21 +392,18 @@ def _label_notes(config: EvalConfig) -> list[str]:
             "its top ceil(r x tokens seen) NAMM scores."]
 
 
-def _run_missing(engine, config: EvalConfig, plan: list[Variant], work: list[tuple[str, int | None, Sample]],
+def _run_missing(suite, plan: list[Variant], work: list[tuple[str, int | None, Any]],
                  done: dict[str, dict[str, Any]], handle, progress: bool) -> None:
-    """Generate and score every (variant, sample) of ``plan`` x ``work`` not in ``done``; append
-    each row to ``handle`` as it finishes and add it to ``done``."""
+    """Run and score every (variant, sample) of ``plan`` x ``work`` not in ``done`` with ``suite``;
+    append each row to ``handle`` as it finishes and add it to ``done``."""
     from namm.policies import make_policy
 
     todo = [(v, w) for w in work for v in plan if row_key(v.method, v.setting, w[0], w[1], w[2].id) not in done]
     total = len(work) * len(plan)
     log.info("%d rows planned, %d already done, %d to run", total, total - len(todo), len(todo))
-    bar = _progress(len(todo), progress)
+    bar = _progress(len(todo), progress, suite.unit)
     for variant, (task, length, sample) in todo:
-        chat = config.chat and not sample.meta.get("no_chat", False)
-        out = engine.generate(sample.prompt, max_new_tokens=sample.max_new_tokens, stop=sample.stop,
-                              chat=chat, policy=make_policy(variant.method, **variant.kwargs))
-        row = _row(variant, task, length, sample, out)
+        row = suite.run(variant, task, length, sample, make_policy(variant.method, **variant.kwargs))
         handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         handle.flush()
         done[row_key(variant.method, variant.setting, task, length, sample.id)] = row
@@ -331,7 +412,7 @@ def _run_missing(engine, config: EvalConfig, plan: list[Variant], work: list[tup
     bar.close()
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, unit: str = "gen"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, unit="gen", desc="namm eval", dynamic_ncols=True)
+    return tqdm(total=total, disable=not enabled, unit=unit, desc="namm eval", dynamic_ncols=True)
