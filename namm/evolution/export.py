@@ -30,9 +30,17 @@ RUN_CONFIG_FILE = "config.json"
 LOG_FILE = "log.csv"
 
 
-def export_run(run_dir: str | Path, dest: str | Path, which: str = "mean", force: bool = False) -> Path:
+def export_run(run_dir: str | Path, dest: str | Path, which: str = "mean", force: bool = False,
+               fit_threshold: float | None = None, fit_samples: int = 4, progress: bool = True) -> Path:
     """Write the run's ``which`` NAMM ("mean": the final CMA mean, "best": the best-evaluated mean)
-    and its ``provenance.json`` into ``dest``, atomically; ``force`` replaces a non-empty ``dest``."""
+    and its ``provenance.json`` into ``dest``, atomically; ``force`` replaces a non-empty ``dest``.
+
+    ``fit_threshold``: also fit the NAMM's threshold-mode threshold so that, in threshold mode, it
+    keeps this fraction of a prompt on average (:func:`namm.memory.calibration.fit_threshold`), on
+    ``fit_samples`` training prompts of each of the run's retrieval tasks, on the run's model; the
+    provenance records the fit. A budget-mode NAMM's scores have no trained zero, so its threshold
+    mode means nothing without this.
+    """
     run_dir, dest = Path(run_dir), Path(dest)
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}.")
@@ -44,6 +52,8 @@ def export_run(run_dir: str | Path, dest: str | Path, which: str = "mean", force
                          f"{'mean' if which == 'best' else 'best'}, or resume the run with `namm evolve --resume`.")
     _check_dest(dest, run_dir, force)
     namm = NAMM.from_pretrained(source)
+    if fit_threshold is not None:
+        namm, record["threshold_fit"] = _fit_threshold(run_dir, namm, fit_threshold, fit_samples, progress)
     text = json.dumps(record, indent=2) + "\n"
 
     def write(tmp: Path) -> None:
@@ -53,6 +63,28 @@ def export_run(run_dir: str | Path, dest: str | Path, which: str = "mean", force
     dest.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_dir(dest, write)
     return dest
+
+
+def _fit_threshold(run_dir: Path, namm: NAMM, target: float, samples: int,
+                   progress: bool) -> tuple[NAMM, dict[str, Any]]:
+    """Fit ``namm``'s threshold on training prompts of the run's retrieval tasks, under the
+    conditions it was evolved with (model, dtype, schedule, prompt format)."""
+    from namm.engine import Engine, EngineConfig
+    from namm.memory.calibration import fit_threshold
+    from namm.models import load_model
+    from namm.evolution.prompts import build_pool
+
+    config = RunConfig.from_dict(json.loads((run_dir / RUN_CONFIG_FILE).read_bytes()))
+    tasks = [t for t in config.tasks if t.name != "continuation"]
+    if not tasks:
+        raise ValueError("--fit-threshold needs a retrieval task in the run's [[tasks]] for its prompts.")
+    model, tokenizer = load_model(config.model, dtype=config.dtype)
+    engine = Engine(model, tokenizer, config=EngineConfig(**namm.config.schedule))
+    # the first prompts of each task's training pool: prompts the run trained on, never held-out ones
+    prompts = [p.prompt for t in tasks for p in build_pool(t, tokenizer, config.seed, n=samples)]
+    namm, record = fit_threshold(engine, namm, prompts, target, progress=progress)
+    return namm, {**record, "tasks": [t.name for t in tasks], "split": "train", "seed": config.seed,
+                  "model": config.model, "dtype": config.dtype}
 
 
 def provenance(run_dir: str | Path, which: str = "mean") -> dict[str, Any]:

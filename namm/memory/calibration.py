@@ -61,4 +61,79 @@ def calibrate(
     return namm.with_norm(policy.stats)
 
 
-__all__ = ["calibrate"]
+def threshold_kept(engine: Any, namm: NAMM, prompts: Sequence[Any], threshold: float) -> float:
+    """Mean over ``prompts`` of the kept fraction at the end of the prompt (kept / seen, averaged over
+    layers) when ``namm`` runs in threshold mode with ``threshold``."""
+    from namm.policies.namm import NAMMPolicy
+
+    candidate = namm.with_config(keep="threshold", keep_ratio=None, max_cache=None, threshold=float(threshold))
+    fractions = []
+    for prompt in prompts:
+        out = engine.generate(prompt, max_new_tokens=1, policy=NAMMPolicy(namm=candidate))
+        fractions.append(out.report.prefill.kept_fraction)
+    return sum(fractions) / len(fractions)
+
+
+def fit_threshold(
+    engine: Any,
+    namm: NAMM,
+    prompts: Sequence[Any],
+    target: float,
+    tol: float = 0.005,
+    max_runs: int = 24,
+    progress: bool = True,
+) -> tuple[NAMM, dict[str, Any]]:
+    """Set the threshold-mode threshold so that ``namm`` keeps ``target`` of the prompt on average.
+
+    A NAMM evolved in budget mode (each head keeps its top-k scores) ranks tokens; its scores have
+    no trained zero, since adding a constant to every score changes no top-k. To run it in the
+    paper's threshold mode (keep the tokens scoring >= threshold, so each layer, head and prompt
+    keeps its own, emergent, number), the threshold is fitted here: bisection over real runs of
+    ``prompts`` until the mean kept fraction at the prompt's end is within ``tol`` of ``target``
+    (kept fractions fall as the threshold rises). Use training prompts, never held-out ones.
+
+    Returns the NAMM with the fitted threshold (its recorded keep mode, parameters and normalisation
+    unchanged: a budget-mode NAMM still runs as one by default, and ``keep="threshold"`` runs it
+    with this threshold) and a record: target, achieved fraction, threshold, runs, prompts.
+    """
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"target kept fraction must be in (0, 1), got {target!r}.")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("fit_threshold needs at least one prompt.")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=max_runs, desc="fitting threshold", unit="run", disable=not progress)
+    seen: dict[float, float] = {}
+
+    def kept(t: float) -> float:
+        if t not in seen:
+            seen[t] = threshold_kept(engine, namm, prompts, t)
+            bar.update(1)
+            bar.set_postfix(threshold=f"{t:.4g}", kept=f"{seen[t]:.3f}")
+        return seen[t]
+
+    # bracket: lo keeps >= target, hi keeps <= target
+    lo, hi, step = namm.config.threshold - 1.0, namm.config.threshold + 1.0, 1.0
+    while kept(lo) < target and len(seen) < max_runs:
+        hi, step = lo, step * 2
+        lo -= step
+    while kept(hi) > target and len(seen) < max_runs:
+        lo, step = hi, step * 2
+        hi += step
+    while len(seen) < max_runs:
+        mid = (lo + hi) / 2
+        if abs(kept(mid) - target) <= tol:
+            break
+        lo, hi = (mid, hi) if seen[mid] > target else (lo, mid)
+    bar.close()
+    best = min(seen, key=lambda t: abs(seen[t] - target))
+    if abs(seen[best] - target) > max(tol, 0.05):
+        raise ValueError(f"No threshold keeps {target:.3f} of these prompts (closest: {seen[best]:.3f} at "
+                         f"{best:.4g} after {len(seen)} runs): the scores may be tied; give more prompts or runs.")
+    record = {"target": target, "kept": seen[best], "threshold": best, "runs": len(seen), "prompts": len(prompts)}
+    log.info("threshold %.4g keeps %.3f (target %.3f, %d runs)", best, seen[best], target, len(seen))
+    return namm.with_config(threshold=best), record
+
+
+__all__ = ["calibrate", "fit_threshold", "threshold_kept"]

@@ -192,3 +192,34 @@ def test_policy_namm_without_namm_runs_the_shipped_one(run, shipped, capsys):
     # another model: the first shipped NAMM, zero-shot, said in the report
     assert "namm             a-smollm2 (evolved on smollm2, zero-shot)" in generate(capsys, "tiny-qwen2")
     assert "namm             tiny\n" in generate(capsys, "tiny-llama")
+
+
+def test_export_fits_the_threshold_on_the_runs_training_prompts(run, tmp_path, capsys):
+    """--fit-threshold RATIO: the shipped NAMM's threshold mode keeps RATIO of the run's training
+    prompts (checked by running them again), the provenance records the fit, nothing else changes."""
+    from namm.engine import Engine, EngineConfig
+    from namm.evolution.config import RunConfig
+    from namm.evolution.prompts import build_pool
+    from namm.models import load_model
+
+    dest = tmp_path / "ship"
+    assert main(["export", str(run), "--to", str(dest), "--fit-threshold", "0.5", "--fit-samples", "1",
+                 "--quiet"]) == 0
+    fit = read_provenance(dest)["threshold_fit"]
+    assert "threshold mode: threshold" in capsys.readouterr().out
+    shipped, source = NAMM.from_pretrained(dest), NAMM.from_pretrained(run / "mean")
+    assert torch.equal(shipped.get_flat(), source.get_flat()) and shipped.config.keep == source.config.keep
+    assert shipped.config.threshold == fit["threshold"] and abs(fit["kept"] - 0.5) <= 0.05
+    assert (fit["tasks"], fit["split"], fit["prompts"]) == (["passkey", "kv_retrieval"], "train", 2)
+
+    config = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+    model, tok = load_model(config.model, dtype=config.dtype)
+    engine = Engine(model, tok, config=EngineConfig(**shipped.config.schedule))
+    prompts = [p.prompt for t in config.tasks for p in build_pool(t, tok, config.seed, n=1)]
+    kept = [engine.generate(p, max_new_tokens=1, policy=NAMMPolicy(namm=shipped, keep="threshold"))
+            .report.prefill.kept_fraction for p in prompts]
+    assert sum(kept) / len(kept) == pytest.approx(fit["kept"], abs=1e-9)
+    # no ratio: a NAMM evolved in threshold mode has a trained threshold, so the CLI asks for one
+    if source.config.keep != "budget":
+        assert main(["export", str(run), "--to", str(tmp_path / "other"), "--fit-threshold"]) == 1
+        assert "give a RATIO" in capsys.readouterr().err
