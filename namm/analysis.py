@@ -379,10 +379,13 @@ def linear_readout(namm, ages: Sequence[int] = (0, 16, 64, 128, 256, 512, 768, 1
     the score change per standard deviation of that input; the age embedding enters as a curve,
     ``age_curve[r] = w_age . recency(r)``, the score a token of age r gets from its age alone.
     Budget mode keeps the top scores, so only differences matter: the bias is irrelevant there.
+    A NAMM with a ``depth_basis`` has weights that vary with the layer's depth: ``weights`` and the
+    age curve are then the depth average (the P_0 block), and ``weights_by_depth`` gives the
+    weights at the first, middle and last layer.
     """
     import torch
 
-    from namm.memory.features import recency_embedding
+    from namm.memory.features import depth_basis, recency_embedding
 
     cfg = namm.config
     if cfg.scorer.kind != "mlp" or cfg.scorer.mlp_depth != 1:
@@ -392,25 +395,39 @@ def linear_readout(namm, ages: Sequence[int] = (0, 16, 64, 128, 256, 512, 768, 1
     blocks = namm.scorer.blocks()
     w = blocks["w0"].reshape(-1).double()
     names = input_names(cfg.features)
-    if len(names) != w.numel():
-        raise ValueError(f"the scorer has {w.numel()} input weights but the features name {len(names)} inputs.")
+    k = max(1, cfg.features.depth_basis)
+    if len(names) * k != w.numel():
+        raise ValueError(f"the scorer has {w.numel()} input weights but the features name {len(names) * k} inputs.")
+    w_blocks = w.reshape(k, len(names))
+    w = w_blocks[0]
+    by_depth = {}
+    if k > 1:
+        for label, x in (("first", -1.0), ("middle", 0.0), ("last", 1.0)):
+            wx = (torch.tensor(depth_basis(x, k), dtype=torch.float64)[:, None] * w_blocks).sum(0)
+            by_depth[label] = dict(zip(names[cfg.features.recency_dim:], wx[cfg.features.recency_dim:].tolist()))
     r = cfg.features.recency_dim
     positions = torch.tensor([[max(ages) - a for a in ages]], dtype=torch.long)  # newest last: age = max - p
     order = torch.argsort(positions[0])
     emb = recency_embedding(positions[:, order], r, cfg.features.recency_max_freq, dtype=torch.float64)[0]
     curve = (emb @ w[:r]).tolist() if r else [0.0] * len(ages)
     by_age = dict(zip([ages[i] for i in order.tolist()], curve))
-    return {"weights": dict(zip(names[r:], w[r:].tolist())), "age_weights": dict(zip(names[:r], w[:r].tolist())),
-            "bias": float(blocks["b0"].reshape(-1)[0]), "age_curve": {int(a): by_age[a] for a in sorted(by_age)}}
+    out = {"weights": dict(zip(names[r:], w[r:].tolist())), "age_weights": dict(zip(names[:r], w[:r].tolist())),
+           "bias": float(blocks["b0"].reshape(-1)[0]), "age_curve": {int(a): by_age[a] for a in sorted(by_age)}}
+    if by_depth:
+        out["weights_by_depth"] = by_depth
+    return out
 
 
 def linear_readout_markdown(readout: dict[str, Any], top: int = 12) -> str:
     """The readout as two tables: the largest input weights, and the score from age alone."""
     weights = sorted(readout["weights"].items(), key=lambda kv: -abs(kv[1]))
-    lines = ["| input (normalised) | weight |", "| --- | ---: |"]
-    lines += [f"| {name} | {value:+.3f} |" for name, value in weights[:top]]
+    depth = readout.get("weights_by_depth", {})
+    head = "| input (normalised) | weight |" + "".join(f" at the {d} layer |" for d in depth)
+    lines = [head, "| --- | ---: |" + " ---: |" * len(depth)]
+    lines += [f"| {name} | {value:+.3f} |" + "".join(f" {depth[d][name]:+.3f} |" for d in depth)
+              for name, value in weights[:top]]
     if len(weights) > top:
-        lines.append(f"| ({len(weights) - top} more, each \\|w\\| <= {abs(weights[top][1]):.3f}) | |")
+        lines.append(f"| ({len(weights) - top} more, each \\|w\\| <= {abs(weights[top][1]):.3f}) | |" + " |" * len(depth))
     curve = readout["age_curve"]
     lines += ["", "| age (tokens) | " + " | ".join(str(a) for a in curve) + " |",
               "| --- | " + " | ".join("---:" for _ in curve) + " |",

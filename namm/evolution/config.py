@@ -8,6 +8,8 @@ Top-level keys are :class:`RunConfig` fields; each table is one nested dataclass
     output_dir = "runs/passkey"
     eval_interval = 5            # evaluate the CMA mean every N generations (0: never)
     chat = false                 # prompts wrapped in the tokenizer's chat template, or raw
+    init = "runs/linear/mean"    # optional: the CMA mean starts at this NAMM (namm.memory.model.lift_params),
+                                 # with its frozen normalisation instead of a fresh calibration
 
     [engine]                     # namm.engine.EngineConfig: the eviction schedule
     chunk_size = 128
@@ -223,8 +225,11 @@ class RunConfig:
     fitness: FitnessConfig = field(default_factory=FitnessConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    init: str | None = None
 
     def __post_init__(self) -> None:
+        if self.init is not None and (not isinstance(self.init, str) or not self.init):
+            raise ValueError(f"init must be the path of a NAMM folder to start from, got {self.init!r}.")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}.")
         if not self.tasks:

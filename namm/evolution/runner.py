@@ -33,6 +33,7 @@ from namm.evolution.fitness import Job, MemberFitness, PromptResult, WorkerSpec,
 from namm.evolution.optimizer import CMAES
 from namm.evolution.plot import plot_history
 from namm.evolution.prompts import Prompt, PromptPools, ReferenceScores
+from namm.memory.model import lift_params
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +113,13 @@ class EvolutionRun:
         c = self.config
         self.pools: PromptPools = self.backend.call("build_pools", c)
         self.references = ReferenceScores(self.run_dir / "reference_scores.json", c.model)
-        norm = self._calibration()
+        init = self._init_namm(spec)
+        norm = self._calibration(init)
         self.template = build_namm(spec).with_norm(norm)
         state = ckpt.load_state(self.run_dir)
         if state is None:
-            self.es = CMAES(dim=self.template.num_params, config=c.optimizer)
+            x0 = None if init is None else lift_params(init, self.template.config).double().numpy()
+            self.es = CMAES(dim=self.template.num_params, config=c.optimizer, x0=x0)
             self.history: list[dict[str, Any]] = []
             self.best_eval: dict[str, Any] | None = None
         else:
@@ -133,8 +136,26 @@ class EvolutionRun:
         self.on_event("done", {"generation": self.es.generation, "run_dir": str(self.run_dir)})
         return final
 
-    def _calibration(self):
+    def _init_namm(self, spec: WorkerSpec):
+        """The NAMM of ``init`` (None without one), checked against the run's NAMM before any work."""
+        if self.config.init is None:
+            return None
+        from namm.memory.model import NAMM, resolve_pretrained
+
+        try:
+            init = NAMM.from_pretrained(resolve_pretrained(self.config.init))
+        except (FileNotFoundError, ValueError) as exc:
+            raise ValueError(f"init = {self.config.init!r}: {exc}") from exc
+        lift_params(init, build_namm(spec).config)  # raises if it cannot start this run
+        return init
+
+    def _calibration(self, init=None):
+        """The frozen normalisation: the run's saved one, else ``init``'s (the statistics its
+        parameters were evolved with), else a fresh calibration."""
         norm = ckpt.load_calibration(self.run_dir)
+        if norm is None and init is not None and init.norm is not None:  # same inputs: lift_params checked
+            norm = init.norm
+            ckpt.save_calibration(self.run_dir, norm)
         if norm is None:
             prompts = self.pools.calibration_batch()
             self.on_event("calibrating", {"prompts": len(prompts), "task": self.config.calibration.task})

@@ -49,6 +49,14 @@ class FeatureConfig:
     extras:             optional per-token inputs of :mod:`namm.memory.extra_features` appended
                         after the spectrogram and normalised with it, e.g. ("attn_peak",
                         "attn_entropy", "attn_var"); () is the paper's NAMM.
+    depth_basis:        K >= 2: the scorer also knows how deep the layer is. The inputs z are
+                        repeated K times, multiplied by the Legendre polynomials P_0 .. P_{K-1} of
+                        the layer's relative depth x = 2 * layer / (num_layers - 1) - 1 in [-1, 1]
+                        (:func:`depth_basis`), so a linear scorer's weights vary smoothly with depth
+                        (w(x) = sum_k w_k P_k(x)); block 0 (P_0 = 1) is the plain inputs, so zero
+                        weights on the other blocks are the depth-blind NAMM. 0 (default): the
+                        paper's NAMM, one rule for every layer. Relative depth, so the NAMM still
+                        runs on a model of any depth.
     """
 
     n_fft: int = 32
@@ -59,6 +67,7 @@ class FeatureConfig:
     norm_eps: float = 1e-7
     partial_frame: bool = True
     extras: tuple[str, ...] = ()
+    depth_basis: int = 0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.n_fft, int) and self.n_fft >= 2):
@@ -73,6 +82,9 @@ class FeatureConfig:
             raise ValueError("recency_max_freq and norm_eps must be positive.")
         if not isinstance(self.partial_frame, bool):
             raise ValueError(f"partial_frame must be true or false, got {self.partial_frame!r}.")
+        if not (isinstance(self.depth_basis, int) and not isinstance(self.depth_basis, bool)
+                and (self.depth_basis == 0 or 2 <= self.depth_basis <= 8)):
+            raise ValueError(f"depth_basis must be 0 (no depth input) or an integer in [2, 8], got {self.depth_basis!r}.")
         self._check_extras()
 
     def _check_extras(self) -> None:
@@ -111,8 +123,30 @@ class FeatureConfig:
         return self.n_bins + len(self.extras)
 
     @property
-    def feature_dim(self) -> int:
+    def input_dim(self) -> int:
+        """The inputs before the depth basis: the age embedding, then the normalised columns."""
         return self.recency_dim + self.norm_dim
+
+    @property
+    def feature_dim(self) -> int:
+        return self.input_dim * max(1, self.depth_basis)
+
+
+def relative_depth(layer: int, num_layers: int) -> float:
+    """A layer's depth in [-1, 1]: -1 the first layer, 1 the last (0 for a one-layer model)."""
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"layer {layer} is not one of the model's {num_layers} layers.")
+    return 0.0 if num_layers == 1 else 2.0 * layer / (num_layers - 1) - 1.0
+
+
+def depth_basis(x: float, k: int) -> list[float]:
+    """Legendre polynomials P_0(x) .. P_{k-1}(x) (Bonnet's recursion), orthogonal on [-1, 1]."""
+    if not -1.0 <= x <= 1.0:
+        raise ValueError(f"relative depth must be in [-1, 1], got {x!r}.")
+    values = [1.0, float(x)][:k]
+    for n in range(1, k - 1):
+        values.append(((2 * n + 1) * x * values[n] - n * values[n - 1]) / (n + 1))
+    return values
 
 
 class StreamingSpectrogram:
@@ -337,18 +371,26 @@ def token_features(
     config: FeatureConfig,
     stats: RunningStats | None,
     extras: torch.Tensor | None = None,
+    depth: float | None = None,
 ) -> torch.Tensor:
     """The NAMM input z = [recency (recency_dim), normalised EMA (n_bins), normalised extras],
-    (kv_heads, cache_len, feature_dim).
+    (kv_heads, cache_len, feature_dim); with a ``depth_basis`` of K, [z * P_0(x), ..., z * P_{K-1}(x)].
 
     ema: (kv_heads, cache_len, n_bins); positions: (kv_heads, cache_len) absolute, newest last;
-    extras: (kv_heads, cache_len, len(config.extras)), required when the config has extras.
+    extras: (kv_heads, cache_len, len(config.extras)), required when the config has extras;
+    depth: the layer's :func:`relative_depth`, required when the config has a depth basis.
     Without statistics (an uncalibrated NAMM) the EMA and extras are used as is.
     """
     inputs = normalised_inputs(ema, config, extras)
     inputs = inputs if stats is None else stats.normalize(inputs, config.norm_eps)
     recency = recency_embedding(positions.to(ema.device), config.recency_dim, config.recency_max_freq, ema.dtype)
-    return torch.cat([recency, inputs], dim=-1)
+    z = torch.cat([recency, inputs], dim=-1)
+    if not config.depth_basis:
+        return z
+    if depth is None:
+        raise ValueError("this NAMM reads the layer's depth (depth_basis > 0): pass depth=relative_depth(layer, "
+                         "num_layers).")
+    return torch.cat([z * p for p in depth_basis(depth, config.depth_basis)], dim=-1)
 
 
 def normalised_inputs(ema: torch.Tensor, config: FeatureConfig, extras: torch.Tensor | None) -> torch.Tensor:
@@ -365,6 +407,8 @@ __all__ = [
     "RunningStats",
     "StreamingSpectrogram",
     "normalised_inputs",
+    "depth_basis",
     "recency_embedding",
+    "relative_depth",
     "token_features",
 ]

@@ -191,21 +191,27 @@ class NAMM:
         return NAMM(config, self.get_flat(), self.norm)
 
     # ---- inference --------------------------------------------------------------------------
-    def features(self, ema: torch.Tensor, positions: torch.Tensor, extras: torch.Tensor | None = None) -> torch.Tensor:
-        """Token features (kv_heads, cache_len, feature_dim) from the EMA spectrogram, positions and
-        the configured extra inputs (kv_heads, cache_len, len(extras)), if any."""
-        return token_features(ema, positions, self.config.features, self.norm, extras)
+    def features(self, ema: torch.Tensor, positions: torch.Tensor, extras: torch.Tensor | None = None,
+                 depth: float | None = None) -> torch.Tensor:
+        """Token features (kv_heads, cache_len, feature_dim) from the EMA spectrogram, positions,
+        the configured extra inputs (kv_heads, cache_len, len(extras)), if any, and the layer's
+        relative depth (:func:`namm.memory.features.relative_depth`) if the NAMM reads it."""
+        return token_features(ema, positions, self.config.features, self.norm, extras, depth)
 
-    def score(self, ema: torch.Tensor, positions: torch.Tensor, extras: torch.Tensor | None = None) -> torch.Tensor:
+    def score(self, ema: torch.Tensor, positions: torch.Tensor, extras: torch.Tensor | None = None,
+              depth: float | None = None) -> torch.Tensor:
         """Scores (kv_heads, cache_len) of one layer's cached tokens; >= threshold means keep."""
-        z = self.features(ema, positions, extras)
+        z = self.features(ema, positions, extras, depth)
         return self._scorer_on(z.device)(z)
 
     def score_layers(self, emas: list[torch.Tensor], positions: list[torch.Tensor],
-                     extras: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+                     extras: list[torch.Tensor | None] | None = None,
+                     depths: list[float | None] | None = None) -> list[torch.Tensor]:
         """:meth:`score` of several layers (cache lengths may differ) in batched scorer calls."""
         extras = extras if extras is not None else [None] * len(emas)
-        return self.score_features([self.features(ema, pos, ext) for ema, pos, ext in zip(emas, positions, extras)])
+        depths = depths if depths is not None else [None] * len(emas)
+        return self.score_features([self.features(ema, pos, ext, d)
+                                    for ema, pos, ext, d in zip(emas, positions, extras, depths)])
 
     def score_features(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """Scores (kv_heads, cache_len_i) of several layers' :meth:`features` in batched scorer calls."""
@@ -256,6 +262,30 @@ class NAMM:
         config = config or NAMMConfig()
         expected = build_scorer(config.scorer, config.features.feature_dim).num_params
         return cls(config, read_reference_vector(Path(path), expected, key), norm)
+
+
+def lift_params(source: NAMM, target: NAMMConfig) -> torch.Tensor:
+    """``source``'s parameters as a flat vector for a NAMM with ``target``'s scorer and features.
+
+    Identical scorer and features: the parameters as they are. A linear NAMM (``mlp`` of depth 1)
+    lifted to a larger ``depth_basis`` (features otherwise equal): the same weights on the blocks it
+    has and zero on the new ones, so the lifted NAMM scores exactly as ``source`` on every layer
+    (a depth-aware run can start where a depth-blind one stopped).
+    """
+    src_f, dst_f = source.config.features, target.features
+    if source.config.scorer == target.scorer and src_f == dst_f:
+        return source.get_flat()
+    linear = source.config.scorer == target.scorer and target.scorer.kind == "mlp" and target.scorer.mlp_depth == 1
+    if not (linear and replace(src_f, depth_basis=dst_f.depth_basis) == dst_f
+            and max(1, src_f.depth_basis) <= max(1, dst_f.depth_basis)):
+        raise ValueError("Cannot start from this NAMM: its scorer or features differ from the run's, and only a "
+                         "linear NAMM (scorer mlp, mlp_depth 1) lifts into a larger features.depth_basis. Start "
+                         "from a NAMM with the run's [namm] scorer and features.")
+    out = NAMM(target)
+    src, dst = source.scorer.blocks(), out.scorer.blocks()
+    dst["w0"][: src["w0"].shape[0]] = src["w0"]
+    dst["b0"][:] = src["b0"]
+    return out.get_flat()
 
 
 def available_pretrained() -> list[str]:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from namm.memory.extra_features import AttentionMoments, extra_columns, vector_norms
-from namm.memory.features import RunningStats, StreamingSpectrogram, normalised_inputs
+from namm.memory.features import RunningStats, StreamingSpectrogram, normalised_inputs, relative_depth
 from namm.memory.model import KEEP_MODES, NAMM
 from namm.memory.selection import budget_select, threshold_count, threshold_mask
 from namm.policies.base import (BudgetMixin, CacheSpec, MemoryPolicy, gather_kept, ragged_indices, tokens_seen,
@@ -175,6 +175,12 @@ class NAMMPolicy(MemoryPolicy):
             key_norms = torch.where(held, key_norms, mean)
         return extra_columns(names, self.moments, layer, key_norms)
 
+    def depth(self, layer: int) -> float | None:
+        """The layer's relative depth in [-1, 1] if the NAMM reads it (``depth_basis``), else None."""
+        if not self.namm.config.features.depth_basis:
+            return None
+        return relative_depth(layer, self.spec.num_layers)
+
     def begin_eviction(self) -> None:
         """Score every observed layer in batched scorer calls; ``select`` uses the result."""
         layers = [layer for layer in self.spec.managed_layers if layer in self.positions]
@@ -223,7 +229,7 @@ class NAMMPolicy(MemoryPolicy):
         """
         with self.timer("features"):  # (kv_heads, cache_len, feature_dim) per layer
             features = [self.namm.features(self.spectrogram.scoring_ema(layer), self.positions[layer],
-                                           self.extras(layer)) for layer in layers]
+                                           self.extras(layer), self.depth(layer)) for layer in layers]
         with self.timer("scorer"):
             scores = self.namm.score_features(features)  # one batched call (or a few) for all layers
         if self.keep == "budget":
