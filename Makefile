@@ -20,18 +20,21 @@ $(VENV)/.installed: pyproject.toml
 
 DEMO_Q := What is the access code for the archive room, and who set it?
 
-# the NAMM: the shipped one (namm/pretrained/) once the default run has converged; until then the
-# default run's current CMA mean (training/smollm2-default/mean), under the conditions it is evolved with:
-# raw prompts, so the question is asked as "Question: ...\nAnswer:" (a raw question alone gets no answer)
-DEMO_NAMM := $(if $(wildcard namm/pretrained/*/config.json),,--namm training/smollm2-default/mean)
+# the NAMM: the shipped one (namm/pretrained/smollm2, evolved on this model), under the conditions it was
+# evolved with: raw prompts, so the question is asked as "Question: ...\nAnswer:" (a raw question alone
+# gets no answer); without a shipped NAMM, the linear run's current CMA mean
+DEMO_NAMM := $(if $(wildcard namm/pretrained/*/config.json),,--namm training/smollm2-linear/mean)
 
-# the full cache, SnapKV compressing the prompt to half once it is read, then the NAMM
+DEMO_P = "$$(printf 'Question: %s\nAnswer:' "$(DEMO_Q)")"
+
+# the full cache, then the NAMM, on the same raw prompt (each prints its memory report), then SnapKV
+# compressing the prompt to the NAMM's 35% once it is read
 demo: setup
-	$(VENV)/bin/namm --quiet generate --file examples/demo_document.txt "$(DEMO_Q)" --max-new-tokens 40
-	$(VENV)/bin/namm --quiet generate --file examples/demo_document.txt "$(DEMO_Q)" --max-new-tokens 40 \
-		--policy snapkv --keep-ratio 0.5 --no-evict-during-prefill
-	$(VENV)/bin/namm --quiet generate --file examples/demo_document.txt \
-		"$$(printf 'Question: %s\nAnswer:' "$(DEMO_Q)")" --max-new-tokens 40 --policy namm $(DEMO_NAMM)
+	$(VENV)/bin/namm --quiet generate --file examples/demo_document.txt $(DEMO_P) --no-chat --max-new-tokens 40
+	$(VENV)/bin/namm --quiet generate --file examples/demo_document.txt $(DEMO_P) --max-new-tokens 40 \
+		--policy namm $(DEMO_NAMM)
+	$(VENV)/bin/namm --quiet generate --file examples/demo_document.txt $(DEMO_P) --no-chat --max-new-tokens 40 \
+		--policy snapkv --keep-ratio 0.35 --no-evict-during-prefill
 
 test: setup
 	$(PY) -m pytest -q

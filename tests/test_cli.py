@@ -59,6 +59,7 @@ def test_generate_reads_file_and_stdin(capsys, tmp_path, monkeypatch):
         (["--policy", "full", "--keep-ratio", "0.5"], "keeps every token"),
         (["--policy", "streaming", "--namm", "x"], "only apply to --policy namm"),
         (["--policy", "snapkv", "--keep-ratio", "0.3", "--per-head"], "only apply to --policy namm"),
+        (["--policy", "h2o", "--keep-ratio", "0.3", "--keep", "threshold"], "only apply to --policy namm"),
         (["--file", "/no/such/file.txt"], "does not exist"),
         (["--model", "no-such-org/no-such-model-xyz"], "Could not find model"),
     ],
@@ -78,3 +79,23 @@ def test_calibrate_then_generate_with_perturbed_namm(capsys, tmp_path):
     res = run_json(capsys, PROMPT, "--policy", "namm", "--namm", str(out), "--max-new-tokens", "4")
     assert 0 < res["memory"]["kept_fraction"] < 1.0
     assert res["memory"]["evictions"] >= 8  # the NAMM's own schedule (delay 64) was used
+
+
+def test_keep_flag_switches_a_budget_namm_to_threshold_mode(capsys, tmp_path):
+    """--keep threshold runs a budget-evolved NAMM by its threshold (an emergent size), --keep budget
+    at --keep-ratio; by default it runs in the budget mode it records."""
+    out = tmp_path / "namm"
+    assert main(["--quiet", "calibrate", "--model", "tiny-llama", "--out", str(out), "--tasks", "passkey",
+                 "--lengths", "400", "--samples", "1", "--perturb", "0.5", "--delay", "64", "--chunk-size", "32"]) == 0
+    namm = NAMM.from_pretrained(out)
+    namm.with_config(keep="budget", keep_ratio=0.3, threshold=-1e6).save_pretrained(out)  # every score passes
+    capsys.readouterr()
+    own = run_json(capsys, PROMPT, "--policy", "namm", "--namm", str(out), "--max-new-tokens", "1")
+    threshold = run_json(capsys, PROMPT, "--policy", "namm", "--namm", str(out), "--max-new-tokens", "1",
+                         "--keep", "threshold")
+    assert own["memory"]["prefill"]["kept_fraction"] == pytest.approx(0.3, abs=0.02)
+    assert threshold["memory"]["prefill"]["kept_fraction"] == 1.0
+    assert "threshold" in threshold["conditions"]["keep"] and "top-k" in own["conditions"]["keep"]
+    assert main(["generate", "--model", "tiny-llama", PROMPT, "--policy", "namm", "--namm", str(out),
+                 "--keep", "threshold", "--keep-ratio", "0.5"]) == 1
+    assert "emergent" in capsys.readouterr().err

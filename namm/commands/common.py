@@ -67,6 +67,10 @@ def add_policy_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--keep-ratio", type=float, default=None, help="fraction of tokens seen kept per layer")
     group.add_argument("--namm", default=None, help="NAMM checkpoint folder, pretrained name or reference vector file "
                        "(default: the shipped NAMM evolved on --model, else the first shipped one)")
+    group.add_argument("--keep", choices=("budget", "threshold"), default=None,
+                       help="NAMM keep mode (default: the one it was evolved in): budget = each layer and head keeps "
+                            "its top --keep-ratio of scores; threshold = the tokens scoring >= its threshold, an "
+                            "emergent number per layer, head and prompt")
     group.add_argument("--max-cache", type=int, default=None, help="NAMM: cap on tokens kept per layer")
     group.add_argument("--per-head", action="store_true", default=None,
                        help="NAMM threshold mode: each KV head keeps exactly its own tokens scoring >= 0 "
@@ -114,8 +118,11 @@ def policy_from_args(args: argparse.Namespace) -> MemoryPolicy:
             kwargs["max_cache"] = args.max_cache
         if getattr(args, "per_head", None):
             kwargs["per_head"] = True
-    elif args.namm is not None or args.max_cache is not None or getattr(args, "per_head", None):
-        raise ValueError("--namm, --max-cache and --per-head only apply to --policy namm.")
+        if getattr(args, "keep", None):
+            kwargs["keep"] = args.keep
+    elif args.namm is not None or args.max_cache is not None or getattr(args, "per_head", None) \
+            or getattr(args, "keep", None):
+        raise ValueError("--namm, --keep, --max-cache and --per-head only apply to --policy namm.")
     if name in ("full",) and kwargs:
         raise ValueError("--policy full keeps every token; drop --budget/--keep-ratio or choose another policy.")
     try:

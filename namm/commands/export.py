@@ -50,8 +50,12 @@ def run(args: argparse.Namespace) -> int:
     dest = export_run(args.run_dir, args.to, which=args.which, force=args.force, fit_threshold=target,
                       fit_samples=args.fit_samples, progress=not args.quiet)
     p = read_provenance(dest) or {}
+    chain = ""
+    if p.get("init"):
+        chain = f" after {p['init'].get('generations', '?')} of the run it started from ({p['init']['path']}); " \
+                f"{p.get('total_compute_hours', 0):.2f} h in all"
     print(f"exported {args.which} of {args.run_dir} to {dest}: evolved on {p.get('model')}, "
-          f"{p.get('generations')} generations, {p.get('compute_hours', 0):.2f} h")
+          f"{p.get('generations')} generations, {p.get('compute_hours', 0):.2f} h{chain}")
     fit = p.get("threshold_fit")
     if fit:
         print(f"threshold mode: threshold {fit['threshold']:.4g} keeps {fit['kept']:.1%} of a prompt on "

@@ -95,6 +95,7 @@ def provenance(run_dir: str | Path, which: str = "mean") -> dict[str, Any]:
     config = RunConfig.from_dict(data)
     stages = sorted({int(r["stage"]) for r in rows})
     evals = [(int(r["generation"]), float(r["eval_fitness"])) for r in rows if r["eval_fitness"]]
+    init = _init_record(config.init)
     last_eval = evals[-1] if evals else None
     best_eval = max(evals, key=lambda e: e[1]) if evals else None
     return {
@@ -114,6 +115,8 @@ def provenance(run_dir: str | Path, which: str = "mean") -> dict[str, Any]:
         "mean_evaluations": sum(config.fitness.eval_samples_per_task * len(_stage_tasks(config, r))
                                 for r in rows if r["eval_fitness"]),
         "compute_hours": sum(float(r["seconds"]) for r in rows) / 3600,
+        "total_compute_hours": sum(float(r["seconds"]) for r in rows) / 3600 + (init or {}).get("total_compute_hours", 0.0),
+        "init": init,
         "eval_last": None if last_eval is None else {"generation": last_eval[0], "fitness": last_eval[1]},
         "eval_best": None if best_eval is None else {"generation": best_eval[0], "fitness": best_eval[1]},
         "hardware": hardware(),
@@ -121,6 +124,21 @@ def provenance(run_dir: str | Path, which: str = "mean") -> dict[str, Any]:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": data,
     }
+
+
+def _init_record(init: str | None) -> dict[str, Any] | None:
+    """Where a run's ``init`` NAMM came from: the run folder it was saved in (its ``mean/`` or
+    ``best/``), summarised recursively, so compute hours add up along the chain; or just its path."""
+    if init is None:
+        return None
+    folder = Path(init)
+    run_dir = folder.parent
+    if folder.name not in WHICH or not (run_dir / RUN_CONFIG_FILE).is_file() or not (run_dir / LOG_FILE).is_file():
+        return {"path": init}
+    p = provenance(run_dir, folder.name)
+    keep = ("run_dir", "which", "generation", "generations", "config_sha256", "member_evaluations", "compute_hours",
+            "total_compute_hours", "eval_last", "init")
+    return {"path": init, **{k: p[k] for k in keep}}
 
 
 def _read_run(run_dir: Path) -> tuple[bytes, list[dict[str, str]]]:

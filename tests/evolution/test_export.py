@@ -223,3 +223,19 @@ def test_export_fits_the_threshold_on_the_runs_training_prompts(run, tmp_path, c
     if source.config.keep != "budget":
         assert main(["export", str(run), "--to", str(tmp_path / "other"), "--fit-threshold"]) == 1
         assert "give a RATIO" in capsys.readouterr().err
+
+
+def test_provenance_follows_the_init_chain(run, tiny_config, tmp_path):
+    """A run started from another run's mean (``init``) records that run's summary, and the compute
+    hours add up along the chain."""
+    config = tiny_config(init=str(run / "mean"), stages=[{"tasks": ["passkey"], "generations": 1}],
+                         eval_interval=0, output_dir=str(tmp_path / "second"))
+    EvolutionRun(config).run()
+    p = json.loads((export_run(tmp_path / "second", tmp_path / "ship") / "provenance.json").read_text())
+    first = json.loads((export_run(run, tmp_path / "ship-first") / "provenance.json").read_text())
+    init = p["init"]
+    assert init["path"] == str(run / "mean") and init["run_dir"] == str(run) and init["which"] == "mean"
+    assert (init["generations"], init["config_sha256"]) == (3, first["config_sha256"]) and init["init"] is None
+    assert init["compute_hours"] == pytest.approx(first["compute_hours"]) and first["compute_hours"] > 0
+    assert p["total_compute_hours"] == pytest.approx(p["compute_hours"] + first["compute_hours"])
+    assert first["init"] is None and first["total_compute_hours"] == pytest.approx(first["compute_hours"])
