@@ -239,3 +239,27 @@ def test_provenance_follows_the_init_chain(run, tiny_config, tmp_path):
     assert init["compute_hours"] == pytest.approx(first["compute_hours"]) and first["compute_hours"] > 0
     assert p["total_compute_hours"] == pytest.approx(p["compute_hours"] + first["compute_hours"])
     assert first["init"] is None and first["total_compute_hours"] == pytest.approx(first["compute_hours"])
+
+
+def test_training_curve_follows_the_init_chain(run, tiny_config, tmp_path):
+    """``chain_history`` puts the init run's generations (up to the one handed on) before the run's own,
+    counted on one axis, and ``plot_chain`` draws them."""
+    from namm.evolution.plot import chain_history, plot_chain
+
+    best = json.loads((export_run(run, tmp_path / "ship-best", which="best") / "provenance.json").read_text())
+    config = tiny_config(init=str(run / "best"), stages=[{"tasks": ["passkey"], "generations": 2}],
+                         eval_interval=0, output_dir=str(tmp_path / "second"))
+    EvolutionRun(config).run()
+    rows = chain_history(tmp_path / "second")
+    first = log_rows(run)
+    cut = best["generation"]  # best/ is the best evaluated mean: the chain continues from there
+    assert cut == max((float(x["eval_fitness"]), int(x["generation"])) for x in first if x["eval_fitness"])[1]
+    assert [(r["run"], r["generation"]) for r in rows] == (
+        [(str(run), g) for g in range(cut + 1)] + [(str(tmp_path / "second"), g) for g in range(2)])
+    assert [r["step"] for r in rows] == list(range(cut + 3))
+    assert rows[0]["fitness_mean"] == pytest.approx(float(first[0]["fitness_mean"]))
+    assert [r["eval_fitness"] is not None for r in rows[: cut + 1]] == [bool(x["eval_fitness"]) for x in first[: cut + 1]]
+    plot_chain(rows, tmp_path / "curve.png", baselines={"H2O": 0.4}, marker=rows[-1]["step"])
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a run without init is its own chain
+    assert [r["generation"] for r in chain_history(run)] == [int(x["generation"]) for x in first]
