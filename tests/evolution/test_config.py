@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from namm.evolution.config import RunConfig, load_config
 
+EXAMPLES = sorted(p.name for p in (Path(__file__).resolve().parents[2] / "examples").glob("*.toml"))
 
-@pytest.mark.parametrize("name", ["tiny-test.toml", "smollm2-passkey.toml", "smollm2-default.toml"])
+
+def test_every_example_is_checked():
+    assert {"tiny-test.toml", "smollm2-default.toml", "smollm2-threshold.toml"} <= set(EXAMPLES)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
 def test_examples_load(examples, name):
     config = load_config(examples / name)
     assert config.tasks[0].name == "passkey"
     assert config.optimizer.seed == config.seed  # one seed drives prompts and CMA-ES
     assert config.calibration.task == "passkey"  # defaults to the first task of stage 1
     assert config.total_generations == sum(s.generations for s in config.stages)
+    if config.init is not None:  # a run that starts from another one names a run folder of the repo
+        assert (examples.parent / config.init / "namm.safetensors").is_file(), config.init
 
 
 def test_default_example_is_the_issue_9_run(examples):
