@@ -27,6 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what an interrupted command kept, and how to go on (Ctrl-C prints this instead of a traceback)
+RESUME_HINTS = {
+    "eval": "Every finished row is in OUT/rows.jsonl; run the same command again to go on from there.",
+    "evolve": "Every finished generation is checkpointed; add --resume to the same command to go on.",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -41,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if args.verbose:
+            raise
+        print(f"namm {args.command}: interrupted. {RESUME_HINTS.get(args.command, '')}".rstrip(), file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as exc:
         if args.verbose:
             raise

@@ -99,3 +99,18 @@ def test_keep_flag_switches_a_budget_namm_to_threshold_mode(capsys, tmp_path):
     assert main(["generate", "--model", "tiny-llama", PROMPT, "--policy", "namm", "--namm", str(out),
                  "--keep", "threshold", "--keep-ratio", "0.5"]) == 1
     assert "emergent" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, hint", [("eval", "rows.jsonl"), ("evolve", "--resume")])
+def test_ctrl_c_says_what_was_kept_instead_of_a_traceback(capsys, monkeypatch, tmp_path, command, hint):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(f"namm.commands.{command}.run", interrupted)
+    argv = {"eval": ["eval", "--model", "tiny-llama", "--tasks", "passkey", "--methods", "full", "--out", str(tmp_path)],
+            "evolve": ["evolve", "examples/tiny-test.toml", "--out", str(tmp_path / "run")]}[command]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"namm {command}: interrupted.") and hint in err and "Traceback" not in err
+    with pytest.raises(KeyboardInterrupt):  # --verbose keeps the traceback
+        main(["--verbose", *argv])

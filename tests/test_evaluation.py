@@ -132,3 +132,31 @@ def test_cli_flags_map_onto_the_config():
     assert config.methods == ["full", "streaming", "h2o", "l2"] and config.keep_ratios == [0.25, 0.5]
     assert config.limit == 5 and args.quiet and args.func is not None
     assert len(variants(config)) == 7
+
+
+def test_report_only_runs_nothing_and_gives_no_mean_to_a_row_missing_a_cell(tiny_llama, tmp_path, monkeypatch):
+    """``--report-only`` writes the tables from the finished rows (an interrupted run's) without
+    running anything; a row missing a task's cell shows that cell as "-" and no mean."""
+    from dataclasses import replace
+
+    model, tok = tiny_llama
+    config = replace(_config(tmp_path), tasks=["passkey", "kv_retrieval"])
+    rows = run_evaluation(config, model, tok, progress=False)
+    assert len(rows) == 8
+    kept = [r for r in load_rows(tmp_path / ROWS_FILE) if not (r["method"] == "streaming" and r["task"] == "kv_retrieval")]
+    (tmp_path / ROWS_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def no_runs(*args, **kwargs):
+        raise AssertionError("report_only ran a row")
+
+    monkeypatch.setattr("namm.evaluation.runner._run_missing", no_runs)
+    out = run_evaluation(replace(config, report_only=True), model, tok, progress=False)
+    assert len(out) == 6 and len(load_rows(tmp_path / ROWS_FILE)) == 6
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in (tmp_path / "results.md").read_text().splitlines()
+             if line.startswith("| full") or line.startswith("| streaming")}
+    assert table["streaming"][2] == "-" and table["streaming"][4] == "-"  # kv_retrieval column, then the mean
+    assert table["full"][4] != "-"
+    full = [r["score"] for r in out if r["method"] == "full"]
+    assert table["full"][4].startswith(f"{100 * sum(full) / len(full):.1f}")
+    summary = {s["method"]: s for s in json.loads((tmp_path / "results.json").read_text())["summary"]}
+    assert summary["streaming"]["groups"] == 1 and summary["full"]["groups"] == 2

@@ -77,6 +77,8 @@ def add_parser(sub) -> None:
     p.add_argument("--filler", choices=FILLERS, default="prose", help="haystack of the synthetic tasks")
     p.add_argument("--namm", default=None, help="NAMM checkpoint folder or pretrained name (method 'namm')")
     p.add_argument("--data-dir", default=None, help="folder of <task>.jsonl files for benchmark tasks (offline)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: write the tables and plot from the rows already in OUT/rows.jsonl")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bar")
     add_model_args(p)
     add_engine_args(p)
@@ -91,7 +93,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         split=args.split, filler=args.filler, chunk_size=args.chunk_size, delay=args.delay,
         evict_at_prefill_end=args.evict_at_prefill_end, evict_during_prefill=args.evict_during_prefill,
         namm=args.namm, data_dir=args.data_dir, chat=args.chat, dtype=args.dtype, device=args.device,
-        match_namm=args.match_namm, namm_per_head=args.namm_per_head,
+        match_namm=args.match_namm, namm_per_head=args.namm_per_head, report_only=args.report_only,
     )
 
 

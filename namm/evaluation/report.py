@@ -133,13 +133,15 @@ def markdown_table(groups: list[dict[str, Any]], summary: list[dict[str, Any]], 
             g = cell.get((s["method"], s["setting"], column))
             scores.append("-" if g is None else _score(g["score"], g["se"]))
         tps = "-" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:.0f}"
-        lines.append("| " + " | ".join([s["method"], s["setting"], *scores, _score(s["mean_score"], s["se"]),
+        complete = s["groups"] == len(columns)  # a mean over fewer cells would not compare with the others
+        lines.append("| " + " | ".join([s["method"], s["setting"], *scores,
+                                        _score(s["mean_score"], s["se"]) if complete else "-",
                                         "/".join(map(str, s["n"])), _pct(s["kept_fraction"]),
                                         _pct(s["mean_fraction"]), _pct(s.get("peak_kv")), tps]) + " |")
     lines.append("")
     lines.append("Scores are 100 x the mean metric over the n samples of each cell, ± its standard error "
                  "(std(ddof=1) / sqrt(n)); the mean score is the mean of a row's cells (each task and length "
-                 "weighs the same), ± sqrt(sum of the cells' SE^2) / cells. Cache fractions are the KV cache the "
+                 "weighs the same), ± sqrt(sum of the cells' SE^2) / cells; a row missing a cell has no mean (-). Cache fractions are the KV cache the "
                  "engine measured, averaged over the row's samples: final = kept at the end, as a share of the "
                  "tokens seen; mean = the cache each token was computed against, as a share of what a full "
                  "cache held at that moment; peak KV = the most KV-cache bytes held at any moment (just before an "

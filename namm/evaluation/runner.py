@@ -50,6 +50,8 @@ class EvalConfig:
     fraction (see :func:`matched_keep_ratio`); the NAMM's threshold rows run first.
     ``namm_per_head``: also run the NAMM's threshold rule per KV head (each head keeps exactly its
     own tokens scoring >= the threshold; ``NAMMPolicy(per_head=True)``), setting "threshold per head".
+    ``report_only``: run nothing; write the reports from the rows already in ``rows.jsonl`` (an
+    interrupted run's tables and plot; a cell shows its own n, a row missing a cell shows no mean).
     """
 
     model: str = "smollm2"
@@ -74,6 +76,7 @@ class EvalConfig:
     device: str | None = None
     match_namm: bool = False
     namm_per_head: bool = False
+    report_only: bool = False
 
     def __post_init__(self) -> None:
         if not self.tasks or not self.methods:
@@ -325,8 +328,13 @@ def run_evaluation(config: EvalConfig, model=None, tokenizer=None, progress: boo
     with rows_path.open("a", encoding="utf-8") as handle:
         if config.match_namm:
             threshold = [v for v in variants(config, namm) if v.method in EMERGENT and v.setting == NAMM_THRESHOLD]
-            _run_missing(suite, threshold, work, done, handle, progress)
-            namm_rows = [done[row_key(v.method, v.setting, t, ln, s.id)] for v in threshold for t, ln, s in work]
+            if not config.report_only:
+                _run_missing(suite, threshold, work, done, handle, progress)
+            keys = [row_key(v.method, v.setting, t, ln, s.id) for v in threshold for t, ln, s in work]
+            namm_rows = [done[k] for k in keys if k in done]
+            if not namm_rows:
+                raise ValueError(f"--match-namm --report-only: {rows_path} has no NAMM threshold rows of this "
+                                 "configuration to measure the kept fraction on; run without --report-only first.")
             matched = matched_keep_ratio(namm_rows)
             log.info("--match-namm: the NAMM kept %.4f of the tokens seen (final, mean of %d rows) -> keep ratio %g",
                      mean(r["kept_fraction"] for r in namm_rows), len(namm_rows), matched)
@@ -334,7 +342,8 @@ def run_evaluation(config: EvalConfig, model=None, tokenizer=None, progress: boo
                          f"kept fraction of its {NAMM_THRESHOLD} rows over all {len(namm_rows)} samples, rounded to "
                          "3 decimals.")
         plan = variants(config, namm, matched)
-        _run_missing(suite, plan, work, done, handle, progress)
+        if not config.report_only:
+            _run_missing(suite, plan, work, done, handle, progress)
     wanted = {row_key(v.method, v.setting, t, ln, s.id) for v in plan for t, ln, s in work}
     rows = [r for k, r in done.items() if k in wanted]
     evolved = f"; the NAMM was evolved with {make_policy('namm', namm=config.namm).describe_keep()}" if namm else ""
