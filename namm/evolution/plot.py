@@ -9,6 +9,17 @@ from typing import Any
 from namm.evolution.checkpoint import atomic_write_bytes
 
 
+def _save(fig, path: str | Path) -> None:
+    """Lay out, render to PNG and write ``path`` atomically; close the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def plot_history(history: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
     """Two panels over generations: fitness (best, population mean, evaluated mean) and kept cache."""
     import matplotlib
@@ -42,11 +53,7 @@ def plot_history(history: list[dict[str, Any]], path: str | Path, title: str = "
         ax.legend(fontsize=8)
     if title:
         ax_fit.set_title(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save(fig, path)
 
 
 def chain_history(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -130,8 +137,4 @@ def plot_chain(rows: list[dict[str, Any]], path: str | Path, title: str = "",
     ax.legend(fontsize=7, loc="lower center", ncol=2)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save(fig, path)
