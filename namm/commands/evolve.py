@@ -25,7 +25,7 @@ seed gives the same run."""
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "evolve", help="evolve a NAMM with CMA-ES (resumable; local or Ray)",
+        "evolve", help="evolve a NAMM with CMA-ES (resumable; local, worker processes or Ray)",
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", help="the run's TOML file (see examples/smollm2-default.toml)")
@@ -34,6 +34,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch threads per worker (overrides the file; 1 when other jobs share the cores: two "
                         "threads on a contended core wait on each other)")
+    p.add_argument("--backend", choices=("local", "ray", "processes"), default=None,
+                   help="where members run (overrides the file): in this process, on Ray actors, or in worker "
+                        "processes on this machine (several can share one GPU; no Ray needed)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="Ray actors or worker processes (overrides the file's [ray] actors / [processes] workers)")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no live progress display")
     p.set_defaults(func=run)
 
@@ -45,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     display = None if quiet else LiveDisplay()
     try:
         state = run_from_file(args.config, output_dir=args.out, resume=args.resume,
-                              on_event=display.event if display else _log_event, threads=args.threads)
+                              on_event=display.event if display else _log_event, threads=args.threads,
+                              backend=args.backend, workers=args.workers)
     finally:
         if display:
             display.stop()

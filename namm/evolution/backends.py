@@ -1,4 +1,5 @@
-"""Where members are evaluated: in this process (``local``) or on Ray actors (``ray``).
+"""Where members are evaluated: in this process (``local``), on Ray actors (``ray``) or in worker
+processes on this machine (``processes``).
 
 A backend turns a list of :class:`~namm.evolution.fitness.Job` into their per-prompt results, in
 job order. Every job is a pure function of its parameters and prompts (greedy decoding, frozen
@@ -14,11 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
-from namm.evolution.config import RayConfig
+from namm.evolution.config import ProcessesConfig, RayConfig
 from namm.evolution.fitness import Job, PromptResult, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -192,10 +196,113 @@ class RayBackend:
         self.actors = []
 
 
-def make_backend(kind: str, spec: WorkerSpec, ray_config: RayConfig | None = None):
+# -- the processes backend: one Worker per spawned process, built on its first task ---------------
+
+_PROCESS_WORKER: Any = None
+_PROCESS_NORM_VERSION = 0
+
+
+def _process_worker(spec: WorkerSpec, norm: tuple[int, Any]):
+    """This process's worker, built once. The run's statistics travel with every task (they are
+    small) as (version, statistics) and are set when the version changes: no broadcast needed."""
+    global _PROCESS_WORKER, _PROCESS_NORM_VERSION
+    if _PROCESS_WORKER is None:
+        _PROCESS_WORKER = spec.build()
+    version, stats = norm
+    if version != _PROCESS_NORM_VERSION:
+        _PROCESS_WORKER.set_calibration(stats)
+        _PROCESS_NORM_VERSION = version
+    return _PROCESS_WORKER
+
+
+def _process_call(spec: WorkerSpec, norm: tuple[int, Any], method: str, args: tuple):
+    return getattr(_process_worker(spec, norm), method)(*args)
+
+
+class ProcessBackend:
+    """Spread jobs over worker processes on this machine (``concurrent.futures``, spawned).
+
+    Each process loads the model once, on its first job; jobs go to whichever process is free.
+    When a process dies the pool is started afresh and the unfinished jobs re-run on it.
+    """
+
+    name = "processes"
+
+    def __init__(self, spec: WorkerSpec, config: ProcessesConfig | None = None) -> None:
+        self.spec = spec
+        self.config = config or ProcessesConfig()
+        self.workers = self.config.workers
+        self.norm: tuple[int, Any] = (0, None)
+        self.pool = self._pool()
+
+    def _pool(self) -> ProcessPoolExecutor:
+        # spawn: a forked child would share the parent's torch threads and CUDA state
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def _submit(self, method: str, *args):
+        return self.pool.submit(_process_call, self.spec, self.norm, method, args)
+
+    def _restart(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = self._pool()
+
+    def call(self, method: str, *args):
+        """Run one worker method (build_pools, calibrate, num_params) in one process."""
+        for _ in range(self.config.max_retries + 1):
+            try:
+                return self._submit(method, *args).result()
+            except BrokenProcessPool:
+                log.warning("a worker process died while running %s; starting a fresh pool", method)
+                self._restart()
+        raise RuntimeError(f"Worker processes kept dying while running {method}.")
+
+    def set_calibration(self, norm) -> None:
+        self.norm = (self.norm[0] + 1, norm)
+
+    def run(self, jobs: list[Job], on_done: OnDone | None = None) -> list[list[PromptResult]]:
+        results: list[Any] = [None] * len(jobs)
+        todo = list(range(len(jobs)))
+        for attempt in range(self.config.max_retries + 1):
+            if attempt:
+                log.warning("a worker process died; re-running %d job(s) on a fresh pool", len(todo))
+                self._restart()
+            try:
+                self._collect(jobs, todo, results, on_done)
+            except BrokenProcessPool:
+                todo = [i for i in todo if results[i] is None]
+                continue
+            return results
+        raise RuntimeError(f"Worker processes kept dying; {len(todo)} job(s) did not finish.")
+
+    def _collect(self, jobs: list[Job], todo: list[int], results: list[Any], on_done: OnDone | None) -> None:
+        """Run jobs ``todo`` into ``results`` as they finish; BrokenProcessPool once all that could finish has."""
+        futures = {self._submit("run", jobs[i]): i for i in todo}
+        broken = False
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                try:
+                    results[futures[future]] = future.result()
+                except BrokenProcessPool:
+                    broken = True
+                    continue
+                if on_done:
+                    on_done(futures[future])
+        if broken:
+            raise BrokenProcessPool("a worker process died")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def make_backend(kind: str, spec: WorkerSpec, ray_config: RayConfig | None = None,
+                 processes: ProcessesConfig | None = None):
     """The backend named in the run config."""
     if kind == "local":
         return LocalBackend(spec)
     if kind == "ray":
         return RayBackend(spec, ray_config)
-    raise ValueError(f"Unknown backend {kind!r}; use 'local' or 'ray'.")
+    if kind == "processes":
+        return ProcessBackend(spec, processes)
+    raise ValueError(f"Unknown backend {kind!r}; use 'local', 'ray' or 'processes'.")

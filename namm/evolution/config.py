@@ -4,7 +4,7 @@ Top-level keys are :class:`RunConfig` fields; each table is one nested dataclass
 
     model = "smollm2"            # as for namm.models.load_model (dtype, device, threads optional)
     seed = 0                     # prompts and CMA-ES sampling
-    backend = "local"            # or "ray"
+    backend = "local"            # or "ray", or "processes" (local worker processes, e.g. on one GPU)
     output_dir = "runs/passkey"
     eval_interval = 5            # evaluate the CMA mean every N generations (0: never)
     chat = false                 # prompts wrapped in the tokenizer's chat template, or raw
@@ -56,7 +56,7 @@ from namm.evolution.optimizer import CMAConfig
 from namm.sequence import EngineConfig
 
 FITNESS_MODES = ("metric", "loglik")
-BACKENDS = ("local", "ray")
+BACKENDS = ("local", "ray", "processes")
 SPLITS = ("train", "test")
 # NAMMConfig fields the run sets itself, and where a config file sets them instead
 RUN_SETS = {"delay": "[engine] delay", "chunk_size": "[engine] chunk_size",
@@ -205,6 +205,24 @@ class RayConfig:
 
 
 @dataclass
+class ProcessesConfig:
+    """The processes backend: worker processes on this machine, one model each, no Ray needed.
+
+    workers:     number of processes (each loads the model). On a GPU a ~100M-parameter model
+                 leaves the card mostly idle while Python launches its kernels, so several
+                 processes can share one card; on a CPU give each one core (``threads = 1``).
+    max_retries: how many times the jobs of a worker that died are re-run on a fresh pool.
+    """
+
+    workers: int = 2
+    max_retries: int = 3
+
+    def __post_init__(self) -> None:
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"processes.workers must be a positive integer, got {self.workers!r}.")
+
+
+@dataclass
 class RunConfig:
     """Everything an evolution run depends on; saved into the run folder."""
 
@@ -225,6 +243,7 @@ class RunConfig:
     fitness: FitnessConfig = field(default_factory=FitnessConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    processes: ProcessesConfig = field(default_factory=ProcessesConfig)
     init: str | None = None
 
     def __post_init__(self) -> None:
@@ -307,7 +326,7 @@ class RunConfig:
         optimizer.setdefault("seed", int(data.get("seed", 0)))  # one seed drives the run
         data["optimizer"] = optimizer
         nested = {"engine": EngineConfig, "optimizer": CMAConfig, "fitness": FitnessConfig,
-                  "calibration": CalibrationConfig, "ray": RayConfig}
+                  "calibration": CalibrationConfig, "ray": RayConfig, "processes": ProcessesConfig}
         for key, kind in nested.items():
             if key in data:
                 table = data[key] if data[key] is not None else {}

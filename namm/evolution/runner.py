@@ -28,7 +28,7 @@ import numpy as np
 
 from namm.evolution import checkpoint as ckpt
 from namm.evolution.backends import make_backend
-from namm.evolution.config import RunConfig, load_config
+from namm.evolution.config import BACKENDS, RunConfig, load_config
 from namm.evolution.fitness import Job, MemberFitness, PromptResult, WorkerSpec, build_namm, member_fitness
 from namm.evolution.optimizer import CMAES
 from namm.evolution.plot import plot_history
@@ -41,7 +41,7 @@ OnEvent = Callable[[str, dict[str, Any]], None]  # (kind, data): progress for a 
 
 # where and how the run executes, not what it computes (same seed, same result on every backend):
 # a run may resume with other values, e.g. on a bigger machine or with Ray
-EXECUTION_KEYS = frozenset({"output_dir", "backend", "ray", "threads"})
+EXECUTION_KEYS = frozenset({"output_dir", "backend", "ray", "processes", "threads"})
 
 
 class EvolutionRun:
@@ -102,7 +102,7 @@ class EvolutionRun:
         """Run to the last generation of the last stage; returns the final checkpoint state."""
         self._prepare_dir()
         spec = self._worker_spec()
-        self.backend = backend or make_backend(self.config.backend, spec, self.config.ray)
+        self.backend = backend or make_backend(self.config.backend, spec, self.config.ray, self.config.processes)
         try:
             return self._run(spec)
         finally:
@@ -262,13 +262,27 @@ class EvolutionRun:
 
 
 def run_from_file(path: str | Path, output_dir: str | Path | None = None, resume: bool = False,
-                  on_event: OnEvent | None = None, threads: int | None = None) -> dict[str, Any]:
-    """Load a run's TOML file and run it (what ``namm evolve CONFIG`` does); ``threads`` overrides
-    the file's torch threads per worker (an execution setting: a run may resume with another)."""
+                  on_event: OnEvent | None = None, threads: int | None = None, backend: str | None = None,
+                  workers: int | None = None) -> dict[str, Any]:
+    """Load a run's TOML file and run it (what ``namm evolve CONFIG`` does). ``threads`` (torch
+    threads per worker), ``backend`` and ``workers`` (Ray actors or worker processes) override the
+    file: execution settings, so a run may resume with others (say, on a GPU machine)."""
     config = load_config(path, output_dir)
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads must be a positive integer, got {threads}.")
         config.threads = threads
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {BACKENDS}, got {backend!r}.")
+        config.backend = backend
+    if workers is not None:
+        if config.backend == "local":
+            raise ValueError("--workers needs --backend ray or processes (the local backend runs one worker).")
+        if workers < 1:
+            raise ValueError(f"--workers must be a positive integer, got {workers}.")
+        if config.backend == "ray":
+            config.ray.actors = workers
+        else:
+            config.processes.workers = workers
     return EvolutionRun(config, resume=resume, on_event=on_event, config_text=Path(path).read_text()).run()
-

@@ -138,7 +138,7 @@ class BAMScorer(FlatScorer):
         # the batch on the head axis of a 4-D call lets CPU SDPA use its tiled (flash) kernel
         # instead of materialising (batch, tokens, tokens) scores
         q, k, v = qkv.split(self.hidden_dim, dim=-1)  # 3 x (1, batch, tokens, hidden)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).view(batch * tokens, self.hidden_dim)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).reshape(batch * tokens, self.hidden_dim)
         res, mul = torch.addmm(p["b_out"], y, p["w_out"]).chunk(2, dim=-1)  # 2 x (batch * tokens, dim)
         zr = zr * (1.0 + mul) + res
         return torch.addmv(p["b_head"], zr, p["w_head"]).view(batch, tokens).flip(-1)  # (batch, tokens)

@@ -1,0 +1,91 @@
+"""The processes backend (spawned worker processes, no Ray) gives the local backend's fitness for
+the same seed, and re-runs the jobs of a worker process that died."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from namm.evolution import checkpoint as ckpt
+from namm.evolution.backends import LocalBackend, ProcessBackend, make_backend
+from namm.evolution.config import ProcessesConfig, RunConfig
+from namm.evolution.fitness import Job
+from namm.evolution.runner import EvolutionRun
+
+
+def values(results):
+    return [[(r.loglik, r.tokens, r.kept) for r in rs] for rs in results]
+
+
+def test_processes_run_matches_local_run(tmp_path, tiny_config):
+    stages = [{"tasks": ["passkey"], "generations": 2}]
+    local = EvolutionRun(tiny_config(stages=stages, output_dir=str(tmp_path / "local"))).run()
+    config = tiny_config(stages=stages, output_dir=str(tmp_path / "proc"), backend="processes",
+                         processes={"workers": 2})
+    spawned = EvolutionRun(config).run()
+    assert len(spawned["history"]) == 2
+    for a, b in zip(local["history"], spawned["history"], strict=True):
+        assert a["fitness"] == b["fitness"]
+        assert a["eval_fitness"] == b["eval_fitness"]
+    assert (tmp_path / "local" / "calibration.pt").read_bytes() == (tmp_path / "proc" / "calibration.pt").read_bytes()
+
+
+def test_jobs_of_a_killed_worker_process_are_rerun(tiny_config):
+    config = tiny_config(stages=[{"tasks": ["passkey"], "generations": 1}])
+    spec = EvolutionRun(config)._worker_spec()
+    local = LocalBackend(spec)
+    pools = local.call("build_pools", config)
+    norm = local.call("calibrate", pools.calibration_batch())
+    local.set_calibration(norm)
+    prompts = pools.eval_batch(["passkey"])[:2]
+    rng = np.random.default_rng(0)
+    n = local.call("num_params")
+    jobs = [Job(key=k, params=0.05 * rng.standard_normal(n), prompts=prompts) for k in range(4)]
+    expected = values(local.run(jobs))
+
+    backend = make_backend("processes", spec, processes=ProcessesConfig(workers=2))
+    assert isinstance(backend, ProcessBackend)
+    try:
+        backend.set_calibration(norm)
+        assert values(backend.run(jobs)) == expected
+        for pid in list(backend.pool._processes):  # both workers die between two generations
+            os.kill(pid, signal.SIGKILL)
+        finished = []
+        assert values(backend.run(jobs, on_done=finished.append)) == expected
+        assert sorted(finished) == [0, 1, 2, 3]
+    finally:
+        backend.close()
+
+
+def test_workers_must_be_positive():
+    with pytest.raises(ValueError, match="processes.workers"):
+        ProcessesConfig(workers=0)
+
+
+def test_a_local_run_resumes_on_worker_processes(tmp_path, tiny_dict, write_toml):
+    """backend and workers are execution settings: `namm evolve --resume --backend processes` goes on
+    from a local run's checkpoint exactly as the local run would have."""
+    from namm.cli import main
+
+    stages = [{"tasks": ["passkey"], "generations": 2}]
+    whole = EvolutionRun(RunConfig.from_dict(tiny_dict(tmp_path / "whole", stages=stages))).run()
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(kind, data):
+        if kind == "generation":
+            raise Stop  # after generation 0's checkpoint: a run stopped between generations
+
+    run = tmp_path / "split"
+    with pytest.raises(Stop):
+        EvolutionRun(RunConfig.from_dict(tiny_dict(run, stages=stages)), on_event=stop_after_first).run()
+    toml = write_toml(tmp_path / "run.toml", tiny_dict(run, stages=stages))
+    assert main(["evolve", str(toml), "--resume", "--workers", "2", "--quiet"]) == 1  # local runs one worker
+    assert main(["evolve", str(toml), "--resume", "--backend", "processes", "--workers", "2", "--quiet"]) == 0
+    state = ckpt.load_state(run)
+    assert len(state["history"]) == 2
+    assert [h["fitness"] for h in state["history"]] == [h["fitness"] for h in whole["history"]]
