@@ -31,6 +31,7 @@ import torch
 
 STATE_FILE = "state.pkl"
 CALIBRATION_FILE = "calibration.pt"
+SESSIONS_FILE = "sessions.jsonl"  # one line per start or resume: generation, date, backend, machine
 STATE_FORMAT = "namm-evolve-1"
 
 LOG_COLUMNS = ("generation", "stage", "tasks", "fitness_best", "fitness_mean", "fitness_worst", "raw_mean",

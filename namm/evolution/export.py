@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from namm.evolution.checkpoint import atomic_write_dir
+from namm.evolution.checkpoint import SESSIONS_FILE, atomic_write_dir
 from namm.evolution.config import RunConfig
 from namm.memory.model import CONFIG_FILE, NAMM, PROVENANCE_FILE
 
@@ -119,11 +119,20 @@ def provenance(run_dir: str | Path, which: str = "mean") -> dict[str, Any]:
         "init": init,
         "eval_last": None if last_eval is None else {"generation": last_eval[0], "fitness": last_eval[1]},
         "eval_best": None if best_eval is None else {"generation": best_eval[0], "fitness": best_eval[1]},
-        "hardware": hardware(),
+        "hardware": hardware(),  # the machine exporting; where the generations ran: "sessions"
+        "sessions": _sessions(run_dir),
         "git_commit": git_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": data,
     }
+
+
+def _sessions(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's ``sessions.jsonl``: one record per start or resume (generation, backend, machine)."""
+    path = run_dir / SESSIONS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _init_record(init: str | None) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +35,7 @@ from namm.evolution.optimizer import CMAES
 from namm.evolution.plot import plot_history
 from namm.evolution.prompts import Prompt, PromptPools, ReferenceScores
 from namm.memory.model import lift_params
+from namm.models import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,7 @@ class EvolutionRun:
             self.history, self.best_eval = state["history"], state["best_eval"]
             self._write_outputs(best_changed=True)  # outputs may lag the checkpoint after a kill
         start = self.es.generation
+        self._log_session(start)
         self.on_event("start", {"generation": start, "total": c.total_generations, "popsize": self.es.popsize,
                                 "params": self.template.num_params, "run_dir": str(self.run_dir),
                                 "conditions": self._conditions()})
@@ -135,6 +138,19 @@ class EvolutionRun:
         final = self._state()
         self.on_event("done", {"generation": self.es.generation, "run_dir": str(self.run_dir)})
         return final
+
+    def _log_session(self, generation: int) -> None:
+        """One line per start or resume in ``sessions.jsonl``: where the generations from here ran
+        (a run may move between machines and backends; ``namm export`` puts the lines in the provenance)."""
+        from namm.evolution.export import hardware
+
+        c = self.config
+        workers = {"local": 1, "ray": c.ray.actors, "processes": c.processes.workers}[c.backend]
+        line = {"generation": generation, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "backend": c.backend, "workers": workers, "threads": c.threads, "device": str(resolve_device(c.device)),
+                "hardware": hardware()}
+        with (self.run_dir / ckpt.SESSIONS_FILE).open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line) + "\n")
 
     def _init_namm(self, spec: WorkerSpec):
         """The NAMM of ``init`` (None without one), checked against the run's NAMM before any work."""

@@ -92,6 +92,10 @@ def test_export_writes_the_mean_and_a_provenance_that_checks_out(run, tmp_path):
     assert p["eval_best"]["generation"] == best["generation"]
     assert p["eval_best"]["fitness"] == pytest.approx(best["fitness"], rel=1e-9)
     assert p["hardware"]["cpus"] == os.cpu_count() and p["hardware"]["torch"] == torch.__version__
+    # one session (the run was started once, not resumed): where its generations ran
+    [session] = p["sessions"]
+    assert (session["generation"], session["backend"], session["workers"], session["device"]) == (0, "local", 1, "cpu")
+    assert session["hardware"] == p["hardware"]
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     assert p["git_commit"] == (git.stdout.strip() if git.returncode == 0 else None)
     assert abs(datetime.now(timezone.utc) - datetime.fromisoformat(p["date"])) < timedelta(minutes=10)

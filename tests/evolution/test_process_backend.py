@@ -3,6 +3,7 @@ the same seed, and re-runs the jobs of a worker process that died."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -88,4 +89,6 @@ def test_a_local_run_resumes_on_worker_processes(tmp_path, tiny_dict, write_toml
     assert main(["evolve", str(toml), "--resume", "--backend", "processes", "--workers", "2", "--quiet"]) == 0
     state = ckpt.load_state(run)
     assert len(state["history"]) == 2
+    sessions = [json.loads(line) for line in (run / ckpt.SESSIONS_FILE).read_text().splitlines()]
+    assert [(s["generation"], s["backend"], s["workers"]) for s in sessions] == [(0, "local", 1), (1, "processes", 2)]
     assert [h["fitness"] for h in state["history"]] == [h["fitness"] for h in whole["history"]]
