@@ -27,8 +27,8 @@ DEMO_NAMM := $(if $(wildcard namm/pretrained/*/config.json),,--namm training/smo
 
 DEMO_P = "$$(printf 'Question: %s\nAnswer:' "$(DEMO_Q)")"
 
-# the full cache, then the NAMM, on the same raw prompt (each prints its memory report), then SnapKV
-# compressing the prompt to the NAMM's 35% once it is read
+# the full cache, then the NAMM (its threshold rule), on the same raw prompt (each prints its memory
+# report), then SnapKV compressing the prompt to 35% once it is read
 demo: setup
 	$(VENV)/bin/namm --quiet generate --file examples/demo_document.txt $(DEMO_P) --no-chat --max-new-tokens 40
 	$(VENV)/bin/namm --quiet generate --file examples/demo_document.txt $(DEMO_P) --max-new-tokens 40 \
