@@ -243,8 +243,20 @@ class ProcessBackend:
         return self.pool.submit(_process_call, self.spec, self.norm, method, args)
 
     def _restart(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self._abandon(self.pool)
         self.pool = self._pool()
+
+    @staticmethod
+    def _abandon(pool: ProcessPoolExecutor) -> None:
+        """Drop a broken pool for good: end its processes and never wait on its job queue. Jobs
+        sent after its workers died sit in a pipe nobody reads; joining its feeder thread at exit
+        would hang the interpreter (Python < 3.12 joins it)."""
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.kill()
+        queue = getattr(pool, "_call_queue", None)
+        if queue is not None:
+            queue.cancel_join_thread()
+        pool.shutdown(wait=False, cancel_futures=True)
 
     def call(self, method: str, *args):
         """Run one worker method (build_pools, calibrate, num_params) in one process."""
