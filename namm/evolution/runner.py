@@ -46,6 +46,19 @@ OnEvent = Callable[[str, dict[str, Any]], None]  # (kind, data): progress for a 
 EXECUTION_KEYS = frozenset({"output_dir", "backend", "ray", "processes", "threads"})
 
 
+def extends_stages(saved: list[dict[str, Any]], current: list[dict[str, Any]]) -> bool:
+    """Whether ``current`` is ``saved`` run longer: the same stages, the last one with at least as
+    many generations, then any stages added after it."""
+    if len(current) < len(saved) or not saved:
+        return False
+    last = len(saved) - 1
+    same_before = current[:last] == saved[:last]
+    grown = ({k: v for k, v in current[last].items() if k != "generations"}
+             == {k: v for k, v in saved[last].items() if k != "generations"}
+             and current[last]["generations"] >= saved[last]["generations"])
+    return same_before and grown
+
+
 class EvolutionRun:
     """Run (or resume) the evolution described by ``config`` in ``config.output_dir``.
 
@@ -63,6 +76,7 @@ class EvolutionRun:
         self.on_event = on_event or (lambda kind, data: None)
         self.config_text = config_text
         self.backend: Any = None
+        self.extended: tuple[int, int] | None = None  # (saved, new) total generations when resumed longer
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -78,7 +92,7 @@ class EvolutionRun:
         d.mkdir(parents=True, exist_ok=True)
         resolved = json.dumps(self.config.to_dict(), indent=2, sort_keys=True, default=str)
         ckpt.atomic_write_text(d / "config.json", resolved + "\n")
-        if self.config_text is not None and not (d / "config.toml").exists():
+        if self.config_text is not None and (self.extended or not (d / "config.toml").exists()):
             ckpt.atomic_write_text(d / "config.toml", self.config_text)
 
     def _check_same_config(self) -> None:
@@ -89,8 +103,16 @@ class EvolutionRun:
         current = json.loads(json.dumps(self.config.to_dict(), sort_keys=True, default=str))
         differ = sorted(k for k in set(saved) | set(current)
                         if k not in EXECUTION_KEYS and saved.get(k) != current.get(k))
+        if differ == ["stages"] and extends_stages(saved["stages"], current["stages"]):
+            # more generations in the last stage, or stages added after it: the run goes on from its
+            # checkpoint as if the longer schedule had been there from the start
+            self.extended = (sum(s["generations"] for s in saved["stages"]),
+                             sum(s["generations"] for s in current["stages"]))
+            return
         if differ:
-            raise ValueError(f"--resume with a config that differs from the run's saved config in {differ}; "
+            hint = (" (a run may only be extended: more generations in its last stage, or stages added after it)"
+                    if differ == ["stages"] else "")
+            raise ValueError(f"--resume with a config that differs from the run's saved config in {differ}{hint}; "
                              f"resume with {saved_path} or start a new run with --out.")
 
     def _worker_spec(self) -> WorkerSpec:
@@ -148,7 +170,9 @@ class EvolutionRun:
         workers = {"local": 1, "ray": c.ray.actors, "processes": c.processes.workers}[c.backend]
         line = {"generation": generation, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "backend": c.backend, "workers": workers, "threads": c.threads, "device": str(resolve_device(c.device)),
-                "hardware": hardware()}
+                "hardware": hardware(), "generations": c.total_generations}
+        if self.extended:
+            line["extended_from"] = self.extended[0]
         with (self.run_dir / ckpt.SESSIONS_FILE).open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(line) + "\n")
 

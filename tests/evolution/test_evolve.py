@@ -174,3 +174,39 @@ def test_evolve_with_extra_inputs(tmp_path, tiny_dict, write_toml):
     mean = NAMM.from_pretrained(run / "mean")
     assert mean.config.features.extras == tuple(extras) and mean.num_params == 163 * 28 + 97
     assert mean.norm.n_bins == 17 + 3 and len(read_log(run)) == 1
+
+
+def test_a_finished_run_resumes_longer_as_if_planned_so(tmp_path, tiny_dict, write_toml, capsys):
+    # 2 generations, then resumed with 4 in its stage, then with a second stage added: the CMA-ES
+    # trajectory is that of one 4 + 1 generation run (evaluations differ only where the stage ended)
+    stages = lambda *gens: [{"tasks": ["passkey"], "generations": gens[0]}] + [  # noqa: E731
+        {"tasks": ["passkey"], "generations": g, "name": "more"} for g in gens[1:]]
+    short = write_toml(tmp_path / "short.toml", tiny_dict(tmp_path / "unused", stages=stages(2)))
+    longer = write_toml(tmp_path / "longer.toml", tiny_dict(tmp_path / "unused", stages=stages(4)))
+    added = write_toml(tmp_path / "added.toml", tiny_dict(tmp_path / "unused", stages=stages(4, 1)))
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    assert main(["evolve", str(added), "--out", str(straight), "--quiet"]) == 0
+    assert main(["evolve", str(short), "--out", str(run), "--quiet"]) == 0
+    assert state(run)["generation"] == 2
+
+    assert main(["evolve", str(longer), "--out", str(run), "--resume", "--quiet"]) == 0
+    assert state(run)["generation"] == 4
+    assert main(["evolve", str(added), "--out", str(run), "--resume", "--quiet"]) == 0
+    assert [r["generation"] for r in read_log(run)] == [str(g) for g in range(5)]
+    assert [r["stage"] for r in read_log(run)] == ["1", "1", "1", "1", "2"]
+    cma = lambda t: [row[:5] for row in t[:-1]] + [t[-1]]  # noqa: E731
+    assert cma(trajectory(run)) == cma(trajectory(straight))
+    assert NAMM.from_pretrained(run / "mean").get_flat().equal(NAMM.from_pretrained(straight / "mean").get_flat())
+    # the run folder now describes the longer run, and says where it was extended
+    assert json.loads((run / "config.json").read_text())["stages"][-1]["name"] == "more"
+    assert "name = \"more\"" in (run / "config.toml").read_text()
+    sessions = [json.loads(line) for line in (run / "sessions.jsonl").read_text().splitlines()]
+    assert [(s["generation"], s["generations"], s.get("extended_from")) for s in sessions] == [
+        (0, 2, None), (2, 4, 2), (4, 5, 4)]
+
+    # shortening it, or changing a stage it has run, is refused and says what may change
+    for i, bad in enumerate([stages(3), [{"tasks": ["passkey"], "generations": 4, "name": "renamed"}]]):
+        cfg = write_toml(tmp_path / f"bad{i}.toml", tiny_dict(tmp_path / "unused", stages=bad))
+        assert main(["evolve", str(cfg), "--out", str(run), "--resume", "--quiet"]) == 1
+        assert "may only be extended" in capsys.readouterr().err
+    assert state(run)["generation"] == 5
