@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from namm.evolution.plot import chain_history, plot_chain
 
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         if marker is None:
             p.error(f"generation {args.ship_generation} is not in {args.run}'s log")
     runs = list(dict.fromkeys(r["run"] for r in rows))
-    plot_chain(rows, args.out, title=args.title or f"training curve: {' -> '.join(runs)}", baselines=baselines,
+    title = args.title or "training curve: " + " -> ".join(Path(r).name for r in runs)
+    plot_chain(rows, args.out, title=title, baselines=baselines,
                marker=marker)
     for run in runs:
         seg = [r for r in rows if r["run"] == run]
