@@ -8,6 +8,7 @@ called on a fixed schedule (every ``delay`` tokens processed, prefill and decodi
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -234,6 +235,24 @@ class Engine:
         recorded choice, else raw); ``continuation`` is text (tokenised without special tokens) or
         ids. With ``return_report`` returns ``(loglik, n_continuation_tokens, MemoryReport)``.
         """
+        logp, cont, report = self._teacher_forced(context, continuation, policy, chat)
+        total = float(logp.gather(1, cont[:, None]).sum())
+        return (total, int(cont.numel()), report) if return_report else total
+
+    def answer_margins(self, context, continuation, policy: MemoryPolicy | None = None,
+                       chat: bool | None = None) -> tuple[list[float], float, MemoryReport]:
+        """Teacher-forced, per continuation token: log p(token) minus the largest log p of any
+        other token (> 0 where the token is the model's argmax, so greedy decoding reproduces the
+        whole continuation iff every margin is > 0). Returns ``(margins, loglik, MemoryReport)``;
+        arguments as :meth:`loglikelihood`."""
+        logp, cont, report = self._teacher_forced(context, continuation, policy, chat)
+        ref = logp.gather(1, cont[:, None])[:, 0]
+        others = logp.scatter(1, cont[:, None], -math.inf).max(dim=1).values
+        return (ref - others).tolist(), float(ref.sum()), report
+
+    def _teacher_forced(self, context, continuation, policy, chat):
+        """(log-softmax over the vocabulary at each continuation position [n, V] float64,
+        continuation ids [n] on that device, MemoryReport)."""
         self._check_schedule(policy)
         ctx = self.encode(context, chat=bool(self.chat_for(chat, policy)))
         if isinstance(continuation, str):
@@ -247,8 +266,7 @@ class Engine:
             first = seq.feed(ctx, end_of_prompt=True, prefix_store=self.prefix_store)[None]
             rest = seq.feed(cont[:-1], all_logits=True) if cont.numel() > 1 else first[:0]
         logp = torch.log_softmax(torch.cat([first, rest]).double(), dim=-1)
-        total = float(logp.gather(1, cont.to(logp.device)[:, None]).sum())
-        return (total, int(cont.numel()), seq.report()) if return_report else total
+        return logp, cont.to(logp.device), seq.report()
 
 
 def format_conditions(conditions: dict[str, Any]) -> str:

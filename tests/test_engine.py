@@ -340,3 +340,25 @@ def test_loglikelihood_matches_plain_forward(tiny_llama):
     assert got == pytest.approx(expected, abs=1e-3)
     evicting = Engine(model, chunk_size=32, delay=64).loglikelihood(ctx, cont, policy=DropRandom())
     assert abs(evicting - expected) > 1e-3
+
+
+def test_answer_margins_match_plain_forward(tiny_llama):
+    model, _ = tiny_llama
+    ctx = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(5))
+    cont = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(6))
+    forward = lambda: torch.log_softmax(model(torch.cat([ctx, cont])[None]).logits[0].double(), -1)[99:119]  # noqa: E731
+    with torch.no_grad():
+        cont[3] = int(forward()[3].argmax())  # one answer token the model's argmax: a positive margin
+        logp = forward()
+    ref = logp.gather(1, cont[:, None])[:, 0]
+    top2 = logp.topk(2, dim=1).values
+    expected = [float(r - (t[1] if r == t[0] else t[0])) for r, t in zip(ref, top2)]
+    engine = Engine(model, chunk_size=32, delay=64)
+    margins, loglik, report = engine.answer_margins(ctx, cont)
+    assert margins == pytest.approx(expected, abs=1e-3)
+    assert margins[3] > 0
+    assert loglik == pytest.approx(engine.loglikelihood(ctx, cont), abs=1e-6)
+    assert report.kept_fraction == 1.0
+    evicting, evicting_ll, evicting_report = engine.answer_margins(ctx, cont, policy=DropRandom())
+    assert evicting_ll == pytest.approx(engine.loglikelihood(ctx, cont, policy=DropRandom()), abs=1e-6)
+    assert evicting_report.kept_fraction < 1.0 and max(abs(a - b) for a, b in zip(evicting, margins)) > 1e-3

@@ -55,7 +55,7 @@ except ModuleNotFoundError:  # Python 3.10
 from namm.evolution.optimizer import CMAConfig
 from namm.sequence import EngineConfig
 
-FITNESS_MODES = ("metric", "loglik")
+FITNESS_MODES = ("metric", "loglik", "margin")
 BACKENDS = ("local", "ray", "processes")
 SPLITS = ("train", "test")
 # NAMMConfig fields the run sets itself, and where a config file sets them instead
@@ -125,9 +125,11 @@ class StageConfig:
 class FitnessConfig:
     """How a member's fitness is computed (see namm.evolution.fitness).
 
-    mode:                  "metric" (task score / full-cache score, the reference) or "loglik"
-                           (per-token likelihood of the reference answer relative to the full cache);
-                           the continuation task is always scored by likelihood.
+    mode:                  "metric" (task score / full-cache score, the reference), "loglik"
+                           (per-token likelihood of the reference answer relative to the full cache)
+                           or "margin" (teacher-forced margins of the answer tokens over the runner-up
+                           token: a smooth stand-in for greedy exact match); the continuation task is
+                           always scored by likelihood.
     samples_per_task:      prompts per task per generation (the same for every member).
     eval_samples_per_task: prompts per task in the pool the mean is evaluated on.
     eval_split:            the split of that pool: "test" (held-out wordings and filler books) or

@@ -1,6 +1,6 @@
 """Fitness of a NAMM parameter vector: run the engine on the generation's prompts, compare to full cache.
 
-Two ways to score one prompt (its ``Prompt.objective``: ``FitnessConfig.mode`` for task prompts,
+Three ways to score one prompt (its ``Prompt.objective``: ``FitnessConfig.mode`` for task prompts,
 always ``loglik`` for the continuation task):
 
 * ``metric`` (the reference): greedy generation, scored by the task's metric (0-1). Per task,
@@ -16,6 +16,14 @@ always ``loglik`` for the continuation task):
   full cache (equivalently full-cache perplexity / NAMM perplexity). 1 again means "as good as
   the full cache"; unlike the metric it moves smoothly, so it still ranks members when every
   greedy answer is wrong.
+* ``margin`` (a smooth stand-in for greedy exact match, at the cost of ``loglik``): teacher-forced,
+  per answer token, the margin m of its log-probability over the best other token (m > 0 where it
+  is the argmax: greedy decoding writes the whole answer iff every m > 0). A prompt scores
+  ``mean_tokens(sigmoid(m / MARGIN_SCALE))``; per task, ``ratio_t = sum_p score_p / sum_p full_p``
+  over the prompts whose full-cache answer is the argmax at every token, as ``metric`` (a task
+  none of whose prompts count drops out). Unlike ``loglik``, a likelihood that rises without
+  bringing the answer closer to the argmax moves it little, and one that makes an answer token
+  the argmax moves it most.
 
 Every ratio is capped at ``MAX_RATIO`` (2), so no task can dominate the mean. The raw fitness is
 the mean of ``ratio_t`` over tasks weighted by ``[[tasks]] weight``; when no task counts (the
@@ -49,6 +57,7 @@ from namm.sequence import EngineConfig
 log = logging.getLogger(__name__)
 
 MAX_RATIO = 2.0  # cap on a task's ratio to the full cache
+MARGIN_SCALE = 1.0  # nats: a margin of +1 scores sigmoid(1) = 0.73, +3 scores 0.95 (margin objective)
 NO_EVIDENCE = 1.0  # raw fitness when no task has a prompt that counts
 
 
@@ -60,19 +69,31 @@ class PromptResult:
     loglik: sum log p(first reference answer | prompt) (loglik objective; NaN otherwise).
     tokens: answer tokens the log-likelihood is summed over.
     kept:   the engine report's kept_fraction at the end of the sequence.
+    margins: per answer token, log p(token) - max log p(other token) (margin objective; else empty).
     """
 
     score: float = math.nan
     loglik: float = math.nan
     tokens: int = 0
     kept: float = 1.0
+    margins: list[float] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, float]) -> "PromptResult":
+    def from_dict(cls, data: dict[str, Any]) -> "PromptResult":
         return cls(**data)
+
+    @property
+    def margin_score(self) -> float:
+        """mean over answer tokens of sigmoid(margin / MARGIN_SCALE) (margin objective)."""
+        return float(np.mean([1.0 / (1.0 + math.exp(-m / MARGIN_SCALE)) for m in self.margins]))
+
+    @property
+    def argmax_answer(self) -> bool:
+        """Whether the answer is the argmax at every token (greedy decoding would write it)."""
+        return bool(self.margins) and min(self.margins) > 0
 
 
 @dataclass
@@ -94,6 +115,11 @@ def task_ratio(objective: str, results: list[PromptResult], refs: list[PromptRes
         if not counted:
             return None
         ratio = sum(results[i].score for i in counted) / sum(refs[i].score for i in counted)
+    elif objective == "margin":
+        counted = [i for i, ref in enumerate(refs) if ref.argmax_answer]
+        if not counted:
+            return None
+        ratio = sum(results[i].margin_score for i in counted) / sum(refs[i].margin_score for i in counted)
     else:
         ratio = math.exp(min(float(np.mean(loglik_diffs(results, refs))), math.log(MAX_RATIO)))
     return min(float(ratio), MAX_RATIO)
@@ -197,8 +223,8 @@ class Worker:
         """One prompt under ``policy`` (None: the full cache), scored by its objective; members and
         the full-cache reference read it formatted alike: as the NAMM records (chat or raw)."""
         chat = self._chat(prompt)
-        if prompt.objective == "loglik":
-            return self._loglik(prompt, policy, chat)
+        if prompt.objective in ("loglik", "margin"):
+            return self._loglik(prompt, policy, chat, margins=prompt.objective == "margin")
         out = self.engine.generate(prompt.prompt, max_new_tokens=prompt.max_new_tokens, do_sample=False,
                                    stop=getattr(prompt.sample, "stop", None), chat=chat, policy=policy)
         return PromptResult(score=score_answer(prompt, out.text), kept=float(out.report.kept_fraction))
@@ -206,9 +232,15 @@ class Worker:
     def _chat(self, prompt: Prompt) -> bool:
         return bool(self.namm.config.chat) and not prompt.sample.meta.get("no_chat", False)
 
-    def _loglik(self, prompt: Prompt, policy, chat: bool) -> PromptResult:
+    def _loglik(self, prompt: Prompt, policy, chat: bool, margins: bool = False) -> PromptResult:
         if not prompt.answers or not prompt.answers[0]:
-            raise ValueError(f"Prompt {prompt.id}: the reference answer is empty; loglik fitness needs one.")
+            raise ValueError(f"Prompt {prompt.id}: the reference answer is empty; "
+                             f"{prompt.objective} fitness needs one.")
+        if margins:
+            per_token, loglik, report = self.engine.answer_margins(prompt.prompt, prompt.answers[0], policy=policy,
+                                                                   chat=chat)
+            return PromptResult(loglik=loglik, tokens=len(per_token), kept=float(report.kept_fraction),
+                                margins=per_token)
         loglik, tokens, report = self.engine.loglikelihood(prompt.prompt, prompt.answers[0], policy=policy,
                                                            chat=chat, return_report=True)
         return PromptResult(loglik=loglik, tokens=tokens, kept=float(report.kept_fraction))

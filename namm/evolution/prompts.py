@@ -38,8 +38,9 @@ class Prompt:
     id:        stable id, unique within the run ("task|L<length>|<sample id>").
     task:      the run's name for the task.
     sample:    the task's :class:`namm.tasks.Sample` (prompt, answers, metric, max_new_tokens, stop).
-    objective: how a result is scored: "metric" (greedy answer, task metric) or "loglik"
-               (likelihood of the reference answer); see namm.evolution.fitness.
+    objective: how a result is scored: "metric" (greedy answer, task metric), "loglik" (likelihood
+               of the reference answer) or "margin" (its tokens' margins over the runner-up token);
+               see namm.evolution.fitness.
     """
 
     id: str
@@ -67,7 +68,7 @@ def build_pool(spec: TaskSpec, tokenizer, seed: int, mode: str = "metric", split
     Synthetic and continuation tasks are generated from ``split`` (``options.split`` overrides it)
     at ``length`` tokens, ``n`` of them (default ``spec.prompts``); benchmark and JSONL tasks read
     up to ``n`` records, middle-truncated to ``length`` tokens. Prompts are scored by ``mode``
-    ("metric" or "loglik"), except likelihood tasks (continuation), which always are "loglik".
+    ("metric", "loglik" or "margin"), except likelihood tasks (continuation), which always are "loglik".
     """
     from namm.tasks import has_splits, load_task
     from namm.tasks.continuation import LOGLIK

@@ -131,6 +131,22 @@ def test_kill_9_mid_run_then_resume_matches_uninterrupted(tmp_path, tiny_dict, w
     assert NAMM.from_pretrained(killed / "mean").get_flat().equal(NAMM.from_pretrained(straight / "mean").get_flat())
 
 
+def test_margin_fitness_runs_teacher_forced_and_caches_margins(tmp_path, tiny_config):
+    from namm.evolution.runner import EvolutionRun
+
+    config = tiny_config(fitness={"mode": "margin"}, optimizer={"popsize": 2}, eval_interval=1,
+                         stages=[{"tasks": ["passkey"], "generations": 1}])
+    final = EvolutionRun(config).run()
+    row = final["history"][0]
+    refs = json.loads((Path(config.output_dir) / "reference_scores.json").read_text())
+    margins = [r["margins"] for r in refs.values()]
+    # one margin per answer token (a passkey is several tokens), the full cache's own
+    assert len(margins) == 2 + 2 and all(len(m) >= 2 for m in margins)
+    # a random model's answer is never the argmax at every token: no prompt counts, fitness 1
+    assert not any(min(m) > 0 for m in margins)
+    assert row["fitness"] == [1.0, 1.0] and row["eval_fitness"] == 1.0
+
+
 def test_budget_run_with_continuation_records_its_conditions(tmp_path, tiny_config):
     from namm.evolution.runner import EvolutionRun
 

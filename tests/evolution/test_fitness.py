@@ -40,6 +40,27 @@ def test_loglik_ratio_is_geometric_mean_per_token_likelihood_ratio():
     assert task_ratio("loglik", better, refs) == pytest.approx(MAX_RATIO)  # exp(1.5) = 4.5, capped
 
 
+def test_margin_ratio_is_a_smooth_exact_match_over_prompts_the_full_cache_answers():
+    sig = lambda m: 1 / (1 + math.exp(-m))  # noqa: E731  (MARGIN_SCALE = 1 nat)
+    refs = [PromptResult(margins=[3.0, 2.0]),     # the full cache's answer is the argmax at every token
+            PromptResult(margins=[4.0, -0.5]),    # greedy would miss its second token: does not count
+            PromptResult(margins=[1.0])]
+    results = [PromptResult(margins=[3.0, -1.0]), PromptResult(margins=[9.0, 9.0]), PromptResult(margins=[0.0])]
+    assert [r.argmax_answer for r in refs] == [True, False, True]
+    expected = ((sig(3) + sig(-1)) / 2 + sig(0)) / ((sig(3) + sig(2)) / 2 + sig(1))
+    assert task_ratio("margin", results, refs) == pytest.approx(expected)
+    assert task_ratio("margin", refs, refs) == 1.0
+    # one answer token pushed from the argmax costs more than the same log-likelihood spread thinly
+    one_lost = [PromptResult(margins=[3.0, -2.0]), refs[1], refs[2]]
+    spread = [PromptResult(margins=[0.5, 0.5]), refs[1], refs[2]]  # the same summed margin (+1)
+    assert task_ratio("margin", one_lost, refs) < task_ratio("margin", spread, refs) < 1.0
+    # no prompt whose full-cache answer is the argmax: the task does not count
+    assert task_ratio("margin", results[:2], [refs[1], refs[1]]) is None
+    assert not PromptResult().argmax_answer  # no margins (another objective) never counts
+    # what the reference cache stores and reads back
+    assert PromptResult.from_dict(refs[0].to_dict()) == refs[0]
+
+
 def test_generation_where_the_full_cache_scores_zero_everywhere_is_finite():
     ps = prompts({"passkey": 2, "niah": 2})
     zeros = [PromptResult(score=0.0, kept=1.0)] * 4
