@@ -1,0 +1,182 @@
+"""Which evolution fitness tracks greedy exact match? Teacher-forced proxies against held-out answers.
+
+Each policy is a method and setting of a ``namm eval`` folder, whose ``rows.jsonl`` holds the exact
+match of its greedy answers on the held-out prompts. On the same prompts and schedule (the folder's
+``config.json``), this recomputes the two teacher-forced objectives ``namm evolve`` can rank members
+by, relative to the full cache: ``fitness.mode = "loglik"`` (per-token likelihood of the answer)
+and ``"margin"`` (its tokens' margins over the runner-up token), both with the fitness code itself
+(``namm.evolution.fitness.task_ratio``). It prints, per policy, the exact match beside both
+fitness values, and over every (policy, prompt) how well each per-prompt proxy separates right
+from wrong greedy answers (ROC AUC), and how often "every answer token is the argmax" agrees
+with the greedy answer being right.
+
+    python benchmarks/fitness_proxies.py --out docs/results/fitness-proxies \\
+        docs/results/smollm2-heldout:namm:threshold docs/results/threshold-gen59:namm:threshold \\
+        "docs/results/smollm2-heldout:tova:keep=0.293 (namm)" "docs/results/smollm2-heldout:h2o:keep=0.293 (namm)"
+
+A NAMM folder's ``config.json`` names the NAMM it ran (``namm``); export it there first if it is
+not (``docs/results/threshold-gen59/README.md`` says how for that one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from namm.engine import Engine, EngineConfig
+from namm.evolution.fitness import PromptResult, loglik_diffs, task_ratio
+from namm.models import load_model
+from namm.policies import make_policy
+from namm.tasks import load_task
+
+SCHEDULE = ("model", "dtype", "seed", "split", "filler", "chunk_size", "delay", "evict_at_prefill_end",
+            "evict_during_prefill", "chat")
+
+
+def parse_policy(spec: str) -> tuple[str, dict, str, str, dict]:
+    """FOLDER:METHOD:SETTING -> (label, folder config, method, setting, make_policy kwargs)."""
+    try:
+        folder, method, setting = spec.split(":", 2)
+    except ValueError:
+        raise SystemExit(f"policy {spec!r}: expected FOLDER:METHOD:SETTING, e.g. docs/results/x:tova:keep=0.25")
+    config = json.loads((Path(folder) / "config.json").read_text())
+    kwargs: dict = {}
+    if method == "namm":
+        if not Path(config["namm"]).exists() and "/" in config["namm"]:
+            raise SystemExit(f"{folder}: its NAMM {config['namm']!r} is not there; export it first.")
+        kwargs["namm"] = config["namm"]
+    if setting == "threshold":
+        kwargs["keep"] = "threshold"
+    elif setting.startswith("keep="):
+        kwargs["keep_ratio"] = float(setting[5:].split()[0])
+        if method == "namm":
+            kwargs["keep"] = "budget"
+    elif setting != "full":
+        raise SystemExit(f"policy {spec!r}: setting must be threshold, keep=R[ (namm)] or full")
+    return f"{method} {setting} ({Path(folder).name})", config, method, setting, kwargs
+
+
+def exact_match(folder: str, method: str, setting: str) -> dict[tuple[str, str], float]:
+    rows = [json.loads(line) for line in open(Path(folder) / "rows.jsonl", encoding="utf-8")]
+    return {(r["task"], r["sample_id"]): r["score"] for r in rows if r["method"] == method and r["setting"] == setting}
+
+
+def auc(scores: list[float], labels: list[bool]) -> float:
+    """P(a right answer's proxy > a wrong one's), ties counted half (Mann-Whitney)."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return math.nan
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("policies", nargs="+", help="FOLDER:METHOD:SETTING of namm eval folders")
+    p.add_argument("--tasks", default="passkey,niah_single,niah_multikey")
+    p.add_argument("--limit", type=int, default=None, help="prompts per task (default: the folders')")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="folder for results.json and output.txt")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    policies = [parse_policy(s) for s in args.policies]
+    base = policies[0][1]
+    for label, config, *_ in policies[1:]:
+        differ = [k for k in SCHEDULE if config.get(k) != base.get(k)]
+        if differ:
+            raise SystemExit(f"{label}: ran under other conditions than {policies[0][0]} ({differ}); compare like "
+                             "with like.")
+    limit = args.limit or base["limit"]
+    tasks = args.tasks.split(",")
+    model, tokenizer = load_model(base["model"], dtype=base["dtype"], device=base.get("device"))
+    engine = Engine(model, tokenizer, config=EngineConfig(
+        chunk_size=base["chunk_size"], delay=base["delay"], evict_at_prefill_end=base["evict_at_prefill_end"],
+        evict_during_prefill=base["evict_during_prefill"]))
+    chat = bool(base["chat"])
+    built = [make_policy(method, **kwargs) for _, _, method, _, kwargs in policies]
+    matches = [exact_match(spec.split(":", 2)[0], method, setting)
+               for spec, (_, _, method, setting, _) in zip(args.policies, policies)]
+
+    lines: list[str] = []
+    def say(text: str = "") -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    def run(prompt: str, answer: str, policy) -> PromptResult:
+        margins, loglik, report = engine.answer_margins(prompt, answer, policy=policy, chat=chat)
+        return PromptResult(loglik=loglik, tokens=len(margins), kept=float(report.kept_fraction), margins=margins)
+
+    t0 = time.perf_counter()
+    per: dict[str, list[dict]] = {label: [] for label, *_ in policies}
+    with torch.inference_mode():
+        for task in tasks:
+            samples = load_task(task, tokenizer, length=base["lengths"][0], n=limit, seed=base["seed"],
+                                split=base["split"], filler=base["filler"])
+            for sample in samples:
+                full = run(sample.prompt, sample.answers[0], None)
+                for (label, *_), policy, match in zip(policies, built, matches):
+                    if (task, sample.id) not in match:
+                        raise SystemExit(f"{label}: no row for {task} {sample.id}; the folder's rows are incomplete.")
+                    got = run(sample.prompt, sample.answers[0], policy)
+                    per[label].append({"task": task, "sample_id": sample.id, "exact": match[(task, sample.id)],
+                                       "full": full.to_dict(), "policy": got.to_dict()})
+            print(f"  {task}: {len(samples)} prompts, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+
+    say(f"{base['model']}, {', '.join(tasks)}, {limit} held-out prompts per task (split {base['split']}, seed "
+        f"{base['seed']}); fitness values as namm evolve computes them (mean over tasks of each task's ratio to the "
+        "full cache; margin: over prompts whose full-cache answer is the argmax at every token)")
+    say()
+    say("| policy | exact match x 100 | loglik fitness | margin fitness | answer argmax at every token |")
+    say("| --- | ---: | ---: | ---: | ---: |")
+    summary = {}
+    for label, records in per.items():
+        fit = {}
+        for mode in ("loglik", "margin"):
+            ratios = []
+            for task in tasks:
+                rs = [r for r in records if r["task"] == task]
+                ratio = task_ratio(mode, [PromptResult.from_dict(r["policy"]) for r in rs],
+                                   [PromptResult.from_dict(r["full"]) for r in rs])
+                if ratio is not None:
+                    ratios.append(ratio)
+            fit[mode] = float(np.mean(ratios))
+        exact = float(np.mean([r["exact"] for r in records]))
+        argmax = float(np.mean([PromptResult.from_dict(r["policy"]).argmax_answer for r in records]))
+        summary[label] = {"exact": exact, **fit, "argmax_answer": argmax, "prompts": len(records)}
+        say(f"| {label} | {100 * exact:.1f} | {fit['loglik']:.3f} | {fit['margin']:.3f} | {100 * argmax:.1f}% |")
+
+    everything = [r for records in per.values() for r in records]
+    right = [r["exact"] > 0.5 for r in everything]
+    results = [PromptResult.from_dict(r["policy"]) for r in everything]
+    fulls = [PromptResult.from_dict(r["full"]) for r in everything]
+    proxies = {"loglik (per token, minus the full cache's)": loglik_diffs(results, fulls),
+               "margin score (mean sigmoid of the margins)": [r.margin_score for r in results],
+               "smallest margin": [min(r.margins) for r in results]}
+    say()
+    say(f"Per prompt, over all {len(everything)} (policy, prompt) pairs ({sum(right)} greedy answers right): "
+        "ROC AUC of each proxy for a right greedy answer")
+    say()
+    for name, values in proxies.items():
+        say(f"- {name}: {auc(values, right):.3f}")
+    agree = np.mean([r.argmax_answer == y for r, y in zip(results, right)])
+    say(f"- 'every answer token is the argmax' agrees with the greedy answer being right on {100 * agree:.1f}%")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"summary": summary, "per_prompt": per}, indent=1) + "\n")
+        (out / "output.txt").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
