@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from namm.engine import Engine, EngineConfig
-from namm.evolution.fitness import PromptResult, loglik_diffs, task_ratio
+from namm.evolution.fitness import PromptResult, answer_continuation, loglik_diffs, task_ratio
 from namm.models import load_model
 from namm.policies import make_policy
 from namm.tasks import load_task
@@ -113,8 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(text)
 
     def run(prompt: str, answer: str, policy) -> PromptResult:
-        margins, loglik, report = engine.answer_margins(prompt, answer, policy=policy, chat=chat)
-        return PromptResult(loglik=loglik, tokens=len(margins), kept=float(report.kept_fraction), margins=margins)
+        """Both objectives as the fitness computes them: margins of the answer as greedy decoding
+        would write it, the log-likelihood of the answer as given (two teacher-forced passes)."""
+        margins, _, report = engine.answer_margins(prompt, answer_continuation(prompt, answer, chat), policy=policy,
+                                                   chat=chat)
+        loglik, tokens, _ = engine.loglikelihood(prompt, answer, policy=policy, chat=chat, return_report=True)
+        return PromptResult(loglik=loglik, tokens=tokens, kept=float(report.kept_fraction), margins=margins)
 
     t0 = time.perf_counter()
     per: dict[str, list[dict]] = {label: [] for label, *_ in policies}

@@ -95,7 +95,8 @@ def main() -> None:
     print("| method | setting | final cache | mean cache / peak KV | " + " | ".join(tasks)
           + f" | mean | mean of {len(some)} |")
     print("| --- | --- | ---: | ---: |" + " ---: |" * (len(tasks) + 2))
-    for key in [("full", "full"), namm] + [(m, s) for s in matched for m in BASELINES]:
+    per_head = ("namm", "threshold per head")
+    for key in [("full", "full"), namm, per_head] + [(m, s) for s in matched for m in BASELINES]:
         if key not in cells:
             continue
         scores = [fmt(stat([r["score"] for r in cells[key][t]]), args.limit) for t in tasks]
@@ -128,6 +129,7 @@ def main() -> None:
         if out:
             print(f"- {label}: " + "; ".join(out))
     line(namm, ("full", "full"), "NAMM − full cache")
+    line(per_head, namm, "NAMM per KV head − NAMM")
     for s in matched:
         for m in BASELINES:
             line(namm, (m, s), f"NAMM − {NAMES.get(m, m)} at {s}")

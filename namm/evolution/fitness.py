@@ -18,7 +18,8 @@ always ``loglik`` for the continuation task):
   greedy answer is wrong.
 * ``margin`` (a smooth stand-in for greedy exact match, at the cost of ``loglik``): teacher-forced,
   per answer token, the margin m of its log-probability over the best other token (m > 0 where it
-  is the argmax: greedy decoding writes the whole answer iff every m > 0). A prompt scores
+  is the argmax: greedy decoding writes the whole answer iff every m > 0; the answer follows the
+  prompt as greedy decoding writes it, see :func:`answer_continuation`). A prompt scores
   ``mean_tokens(sigmoid(m / MARGIN_SCALE))``; per task, ``ratio_t = sum_p score_p / sum_p full_p``
   over the prompts whose full-cache answer is the argmax at every token, as ``metric`` (a task
   none of whose prompts count drops out). Unlike ``loglik``, a likelihood that rises without
@@ -237,13 +238,24 @@ class Worker:
             raise ValueError(f"Prompt {prompt.id}: the reference answer is empty; "
                              f"{prompt.objective} fitness needs one.")
         if margins:
-            per_token, loglik, report = self.engine.answer_margins(prompt.prompt, prompt.answers[0], policy=policy,
-                                                                   chat=chat)
+            answer = answer_continuation(prompt.prompt, prompt.answers[0], chat)
+            per_token, loglik, report = self.engine.answer_margins(prompt.prompt, answer, policy=policy, chat=chat)
             return PromptResult(loglik=loglik, tokens=len(per_token), kept=float(report.kept_fraction),
                                 margins=per_token)
         loglik, tokens, report = self.engine.loglikelihood(prompt.prompt, prompt.answers[0], policy=policy,
                                                            chat=chat, return_report=True)
         return PromptResult(loglik=loglik, tokens=tokens, kept=float(report.kept_fraction))
+
+
+def answer_continuation(prompt: str, answer: str, chat: bool) -> str:
+    """The reference answer as greedy decoding continues ``prompt`` with it (margin objective): after
+    one space when a raw prompt ends in a non-space character ("The pass key is" + " 97423", as
+    lm-evaluation-harness's ``target_delimiter``), as it is after whitespace or a chat template's
+    assistant turn. The ``loglik`` objective scores the answer as given (what the runs so far
+    were evolved on)."""
+    if chat or not prompt or prompt[-1].isspace() or not answer or answer[0].isspace():
+        return answer
+    return " " + answer
 
 
 def build_namm(spec: WorkerSpec):

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from namm.evolution.config import FitnessConfig
-from namm.evolution.fitness import MAX_RATIO, NO_EVIDENCE, PromptResult, member_fitness, task_ratio
+from namm.evolution.fitness import (MAX_RATIO, NO_EVIDENCE, PromptResult, answer_continuation, member_fitness,
+                                   task_ratio)
 from namm.evolution.prompts import Prompt, PromptPools, ReferenceScores
 
 
@@ -59,6 +60,14 @@ def test_margin_ratio_is_a_smooth_exact_match_over_prompts_the_full_cache_answer
     assert not PromptResult().argmax_answer  # no margins (another objective) never counts
     # what the reference cache stores and reads back
     assert PromptResult.from_dict(refs[0].to_dict()) == refs[0]
+
+
+def test_the_answer_follows_the_prompt_as_greedy_decoding_writes_it():
+    assert answer_continuation("What is the pass key? The pass key is", "97423", chat=False) == " 97423"
+    assert answer_continuation("Question: who?\nAnswer:", "Ann", chat=False) == " Ann"
+    assert answer_continuation("Answer:\n", "Ann", chat=False) == "Ann"        # after whitespace: as is
+    assert answer_continuation("The key is", " 97423", chat=False) == " 97423"  # already delimited
+    assert answer_continuation("The key is", "97423", chat=True) == "97423"     # after the assistant turn
 
 
 def test_generation_where_the_full_cache_scores_zero_everywhere_is_finite():
