@@ -16,7 +16,7 @@ from namm.policies.base import BudgetMixin, CacheSpec, MemoryPolicy, SidePass, r
 from namm.policies.expected_attention import ExpectedAttention
 from namm.policies.full import FullCache
 from namm.policies.h2o import H2O
-from namm.policies.kvzip import KVzip
+from namm.policies.kvzip import KVzip, KVzipOnce
 from namm.policies.l2 import KeyNorm
 from namm.policies.namm import NAMMPolicy
 from namm.policies.pyramidkv import PyramidKV
@@ -37,6 +37,7 @@ POLICIES: dict[str, type[MemoryPolicy]] = {
     "pyramidkv": PyramidKV,
     "expected-attention": ExpectedAttention,
     "kvzip": KVzip,
+    "kvzip-once": KVzipOnce,
     "ada-snapkv": AdaSnapKV,
     "ada-pyramidkv": AdaPyramidKV,
     "ada-h2o": AdaH2O,

@@ -141,3 +141,13 @@ class KVzip(RankedPolicy):
 
     def prune(self, layer: int, keep: torch.Tensor) -> None:
         self._scores[layer] = self._scores[layer].gather(-1, keep)
+
+
+@dataclass
+class KVzipOnce(KVzip):
+    """KVzip with one repeat pass, at the eviction step that ends the prompt (``every_step=False``;
+    see :class:`KVzip`): registered on its own so ``namm eval --methods kvzip,kvzip-once`` compares
+    the two schedules side by side."""
+
+    every_step: bool = False
+    name = "kvzip-once"

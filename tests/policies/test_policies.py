@@ -305,6 +305,7 @@ CASES = {
     "pyramidkv": ({"window": 8}, rule_snapkv, lambda s, n: newest(s.positions, min(8, n))),
     "expected-attention": ({}, rule_expected_attention, sinks),
     "kvzip": ({"chunk_size": 24}, rule_kvzip, sinks),
+    "kvzip-once": ({"chunk_size": 24}, None, sinks),  # its rule: test_kvzip_once_at_prompt_end
     # window 24 > the 22 tokens between the steps at 128 and 150: votes cast before a ragged step
     # are still pooled at the next one, next to the padding
     "ada-snapkv": ({"window": 24, "pooling": "avg"}, rule_ada(partial(score_snapkv, window=24, pooling="avg")),
@@ -479,7 +480,9 @@ def test_h2o_accumulates_across_evictions_and_decoding() -> None:
 def test_kvzip_once_at_prompt_end() -> None:
     """every_step=False: one repeat pass, at the prompt's end; before it the prompt is read as
     StreamingLLM would, after it tokens read later rank above the scored ones, newest first."""
-    history = drive(make_policy("kvzip", keep_ratio=0.3, every_step=False, chunk_size=24))
+    history = drive(make_policy("kvzip-once", keep_ratio=0.3, chunk_size=24))
+    again = drive(make_policy("kvzip", keep_ratio=0.3, every_step=False, chunk_size=24))
+    assert all(torch.equal(a.keep, b.keep) for a, b in zip(history.steps, again.steps))
     assert list(history.side) == [PROMPT]
     at_end = {s.layer: s for s in history.steps if s.seen == PROMPT}
     for s in history.steps:
