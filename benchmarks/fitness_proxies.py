@@ -78,18 +78,9 @@ def auc(scores: list[float], labels: list[bool]) -> float:
     return wins / (len(pos) * len(neg))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("policies", nargs="+", help="FOLDER:METHOD:SETTING of namm eval folders")
-    p.add_argument("--tasks", default="passkey,niah_single,niah_multikey")
-    p.add_argument("--limit", type=int, default=None, help="prompts per task (default: the folders')")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None, help="folder for results.json and output.txt")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    policies = [parse_policy(s) for s in args.policies]
+def measure(args, policies) -> tuple[dict, dict[str, list[dict]]]:
+    """Per policy, per held-out prompt: its exact match (from the folder's rows) and the full
+    cache's and its own teacher-forced results; plus what they were measured on."""
     base = policies[0][1]
     for label, config, *_ in policies[1:]:
         differ = [k for k in SCHEDULE if config.get(k) != base.get(k)]
@@ -106,11 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     built = [make_policy(method, **kwargs) for _, _, method, _, kwargs in policies]
     matches = [exact_match(spec.split(":", 2)[0], method, setting)
                for spec, (_, _, method, setting, _) in zip(args.policies, policies)]
-
-    lines: list[str] = []
-    def say(text: str = "") -> None:
-        print(text, flush=True)
-        lines.append(text)
 
     def run(prompt: str, answer: str, policy) -> PromptResult:
         """Both objectives as the fitness computes them: margins of the answer as greedy decoding
@@ -135,49 +121,94 @@ def main(argv: list[str] | None = None) -> int:
                     per[label].append({"task": task, "sample_id": sample.id, "exact": match[(task, sample.id)],
                                        "full": full.to_dict(), "policy": got.to_dict()})
             print(f"  {task}: {len(samples)} prompts, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    meta = {"model": base["model"], "tasks": tasks, "limit": limit, "split": base["split"], "seed": base["seed"],
+            "policies": args.policies}
+    return meta, per
 
-    say(f"{base['model']}, {', '.join(tasks)}, {limit} held-out prompts per task (split {base['split']}, seed "
-        f"{base['seed']}); fitness values as namm evolve computes them (mean over tasks of each task's ratio to the "
-        "full cache; margin: over prompts whose full-cache answer is the argmax at every token)")
-    say()
-    say("| policy | exact match x 100 | loglik fitness | margin fitness | answer argmax at every token |")
-    say("| --- | ---: | ---: | ---: | ---: |")
+
+def fitness(mode: str, records: list[dict], tasks: list[str], score=None) -> float:
+    """The run's fitness of these records (mean over tasks of the task ratios); ``score``: another
+    per-prompt margin score to try in place of the shipped one (PromptResult -> float)."""
+    ratios = []
+    for task in tasks:
+        rs = [(PromptResult.from_dict(r["policy"]), PromptResult.from_dict(r["full"])) for r in records
+              if r["task"] == task]
+        if score is None:
+            ratio = task_ratio(mode, [a for a, _ in rs], [b for _, b in rs])
+        else:
+            counted = [(a, b) for a, b in rs if b.argmax_answer]
+            ratio = sum(score(a) for a, _ in counted) / sum(score(b) for _, b in counted) if counted else None
+        if ratio is not None:
+            ratios.append(ratio)
+    return float(np.mean(ratios))
+
+
+def mean_sigmoid(r: PromptResult) -> float:
+    return float(np.mean([1 / (1 + math.exp(-m)) for m in r.margins]))
+
+
+def report(meta: dict, per: dict[str, list[dict]]) -> tuple[list[str], dict]:
+    tasks = meta["tasks"]
+    lines = [f"{meta['model']}, {', '.join(tasks)}, {meta['limit']} held-out prompts per task (split "
+             f"{meta['split']}, seed {meta['seed']}); fitness values as namm evolve computes them (mean over tasks of "
+             "each task's ratio to the full cache; margin: over the prompts whose full-cache answer is the argmax at "
+             "every token, each scored by sigmoid(smallest margin); mean-sigmoid: the mean of every answer token's "
+             "sigmoid instead)", "",
+             "| policy | exact match x 100 | answer argmax at every token | loglik fitness | margin fitness | "
+             "mean-sigmoid variant |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     summary = {}
     for label, records in per.items():
-        fit = {}
-        for mode in ("loglik", "margin"):
-            ratios = []
-            for task in tasks:
-                rs = [r for r in records if r["task"] == task]
-                ratio = task_ratio(mode, [PromptResult.from_dict(r["policy"]) for r in rs],
-                                   [PromptResult.from_dict(r["full"]) for r in rs])
-                if ratio is not None:
-                    ratios.append(ratio)
-            fit[mode] = float(np.mean(ratios))
-        exact = float(np.mean([r["exact"] for r in records]))
-        argmax = float(np.mean([PromptResult.from_dict(r["policy"]).argmax_answer for r in records]))
-        summary[label] = {"exact": exact, **fit, "argmax_answer": argmax, "prompts": len(records)}
-        say(f"| {label} | {100 * exact:.1f} | {fit['loglik']:.3f} | {fit['margin']:.3f} | {100 * argmax:.1f}% |")
-
+        row = {"exact": float(np.mean([r["exact"] for r in records])),
+               "argmax_answer": float(np.mean([PromptResult.from_dict(r["policy"]).argmax_answer for r in records])),
+               "loglik": fitness("loglik", records, tasks), "margin": fitness("margin", records, tasks),
+               "mean_sigmoid": fitness("margin", records, tasks, score=mean_sigmoid), "prompts": len(records)}
+        summary[label] = row
+        lines.append(f"| {label} | {100 * row['exact']:.1f} | {100 * row['argmax_answer']:.1f}% | {row['loglik']:.3f} | "
+                     f"{row['margin']:.3f} | {row['mean_sigmoid']:.3f} |")
     everything = [r for records in per.values() for r in records]
     right = [r["exact"] > 0.5 for r in everything]
     results = [PromptResult.from_dict(r["policy"]) for r in everything]
     fulls = [PromptResult.from_dict(r["full"]) for r in everything]
-    proxies = {"loglik (per token, minus the full cache's)": loglik_diffs(results, fulls),
-               "margin score (mean sigmoid of the margins)": [r.margin_score for r in results],
-               "smallest margin": [min(r.margins) for r in results]}
-    say()
-    say(f"Per prompt, over all {len(everything)} (policy, prompt) pairs ({sum(right)} greedy answers right): "
-        "ROC AUC of each proxy for a right greedy answer")
-    say()
-    for name, values in proxies.items():
-        say(f"- {name}: {auc(values, right):.3f}")
+    proxies = {"loglik objective (per-token log-likelihood minus the full cache's)": loglik_diffs(results, fulls),
+               "margin objective (smallest margin)": [min(r.margins) for r in results],
+               "mean of the answer tokens' sigmoid(margin)": [mean_sigmoid(r) for r in results]}
+    lines += ["", f"Per prompt, over all {len(everything)} (policy, prompt) pairs ({sum(right)} greedy answers right): "
+              "ROC AUC of each proxy for a right greedy answer", ""]
+    lines += [f"- {name}: {auc(values, right):.3f}" for name, values in proxies.items()]
     agree = np.mean([r.argmax_answer == y for r, y in zip(results, right)])
-    say(f"- 'every answer token is the argmax' agrees with the greedy answer being right on {100 * agree:.1f}%")
+    lines.append(f"- 'every answer token is the argmax' agrees with the greedy answer being right on "
+                 f"{100 * agree:.1f}%")
+    return lines, summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("policies", nargs="*", help="FOLDER:METHOD:SETTING of namm eval folders")
+    p.add_argument("--tasks", default="passkey,niah_single,niah_multikey")
+    p.add_argument("--limit", type=int, default=None, help="prompts per task (default: the folders')")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="folder for results.json and output.txt")
+    p.add_argument("--report-only", action="store_true", help="report from --out's results.json, run nothing")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.report_only:
+        if not args.out:
+            raise SystemExit("--report-only reads --out/results.json: give --out.")
+        saved = json.loads((Path(args.out) / "results.json").read_text())
+        meta, per = saved["meta"], saved["per_prompt"]
+    else:
+        if not args.policies:
+            raise SystemExit("give at least one FOLDER:METHOD:SETTING policy")
+        meta, per = measure(args, [parse_policy(s) for s in args.policies])
+    lines, summary = report(meta, per)
+    print("\n".join(lines))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({"summary": summary, "per_prompt": per}, indent=1) + "\n")
+        (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "per_prompt": per},
+                                                     indent=1) + "\n")
         (out / "output.txt").write_text("\n".join(lines) + "\n")
     return 0
 

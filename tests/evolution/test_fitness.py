@@ -48,13 +48,17 @@ def test_margin_ratio_is_a_smooth_exact_match_over_prompts_the_full_cache_answer
             PromptResult(margins=[1.0])]
     results = [PromptResult(margins=[3.0, -1.0]), PromptResult(margins=[9.0, 9.0]), PromptResult(margins=[0.0])]
     assert [r.argmax_answer for r in refs] == [True, False, True]
-    expected = ((sig(3) + sig(-1)) / 2 + sig(0)) / ((sig(3) + sig(2)) / 2 + sig(1))
+    # each prompt by its binding (smallest) margin
+    expected = (sig(-1) + sig(0)) / (sig(2) + sig(1))
     assert task_ratio("margin", results, refs) == pytest.approx(expected)
     assert task_ratio("margin", refs, refs) == 1.0
     # one answer token pushed from the argmax costs more than the same log-likelihood spread thinly
     one_lost = [PromptResult(margins=[3.0, -2.0]), refs[1], refs[2]]
     spread = [PromptResult(margins=[0.5, 0.5]), refs[1], refs[2]]  # the same summed margin (+1)
     assert task_ratio("margin", one_lost, refs) < task_ratio("margin", spread, refs) < 1.0
+    # raising a token that is already the argmax by far moves it not at all
+    surer = [PromptResult(margins=[30.0, 2.0]), refs[1], refs[2]]
+    assert task_ratio("margin", surer, refs) == 1.0
     # no prompt whose full-cache answer is the argmax: the task does not count
     assert task_ratio("margin", results[:2], [refs[1], refs[1]]) is None
     assert not PromptResult().argmax_answer  # no margins (another objective) never counts
