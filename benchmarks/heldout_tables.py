@@ -22,8 +22,10 @@ from pathlib import Path
 
 NAMES = {"full": "full cache", "namm": "**NAMM**", "h2o": "H2O", "tova": "TOVA", "snapkv": "SnapKV",
          "streaming": "StreamingLLM", "pyramidkv": "PyramidKV", "l2": "L2 key norm",
-         "expected-attention": "Expected Attention", "kvzip": "KVzip", "ada-snapkv": "Ada-SnapKV"}
-BASELINES = ["tova", "h2o", "streaming", "snapkv", "pyramidkv", "l2", "expected-attention", "kvzip", "ada-snapkv"]
+         "expected-attention": "Expected Attention", "kvzip": "KVzip", "kvzip-once": "KVzip, once",
+         "ada-snapkv": "Ada-SnapKV"}
+BASELINES = ["tova", "h2o", "streaming", "snapkv", "pyramidkv", "l2", "expected-attention", "kvzip", "kvzip-once",
+             "ada-snapkv"]
 RATIOS = ("0.25", "0.35", "0.5")
 
 
