@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from namm.engine import Engine, EngineConfig
+from namm.evaluation.runner import ROWS_FILE, load_rows
 from namm.evolution.fitness import PromptResult, answer_continuation, loglik_diffs, task_ratio
 from namm.models import load_model
 from namm.policies import make_policy
@@ -64,7 +65,7 @@ def parse_policy(spec: str) -> tuple[str, dict, str, str, dict]:
 
 
 def exact_match(folder: str, method: str, setting: str) -> dict[tuple[str, str], float]:
-    rows = [json.loads(line) for line in open(Path(folder) / "rows.jsonl", encoding="utf-8")]
+    rows = load_rows(Path(folder) / ROWS_FILE)
     return {(r["task"], r["sample_id"]): r["score"] for r in rows if r["method"] == method and r["setting"] == setting}
 
 

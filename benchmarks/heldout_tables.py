@@ -15,10 +15,11 @@ and left out of means.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
+
+from namm.evaluation.runner import ROWS_FILE, load_rows
 
 NAMES = {"full": "full cache", "namm": "**NAMM**", "h2o": "H2O", "tova": "TOVA", "snapkv": "SnapKV",
          "streaming": "StreamingLLM", "pyramidkv": "PyramidKV", "l2": "L2 key norm",
@@ -31,10 +32,8 @@ RATIOS = ("0.25", "0.35", "0.5")
 
 def load(folder: Path) -> dict[tuple[str, str], dict[str, list[dict]]]:
     cells: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    with open(folder / "rows.jsonl", encoding="utf-8") as handle:
-        for line in handle:
-            r = json.loads(line)
-            cells[(r["method"], r["setting"])][r["task"]].append(r)
+    for r in load_rows(folder / ROWS_FILE):
+        cells[(r["method"], r["setting"])][r["task"]].append(r)
     return cells
 
 
@@ -78,7 +77,7 @@ def paired(cells, a, b, tasks):
         sb = {r["sample_id"].rsplit("-", 1)[-1]: r["score"] for r in cells[b][t]}
         per_task.append({i: sa[i] - sb[i] for i in sa.keys() & sb.keys()})
     common = set.intersection(*(set(p) for p in per_task)) if per_task else set()
-    return stat([sum(p[i] for p in per_task) / len(per_task) for i in common])
+    return stat([sum(p[i] for p in per_task) / len(per_task) for i in sorted(common)])
 
 
 def main() -> None:
