@@ -6,6 +6,7 @@ import io
 import json
 
 import pytest
+import torch
 
 from namm.cli import main
 from namm.memory import NAMM
@@ -79,6 +80,40 @@ def test_calibrate_then_generate_with_perturbed_namm(capsys, tmp_path):
     res = run_json(capsys, PROMPT, "--policy", "namm", "--namm", str(out), "--max-new-tokens", "4")
     assert 0 < res["memory"]["kept_fraction"] < 1.0
     assert res["memory"]["evictions"] >= 8  # the NAMM's own schedule (delay 64) was used
+
+
+def test_calibrate_fit_threshold_carries_a_namm_at_a_kept_fraction(capsys, tmp_path):
+    """--fit-threshold RATIO refits only the threshold (with --keep-stats the statistics and the
+    parameters stay the source's bit for bit); the NAMM then keeps about RATIO in threshold mode, and
+    calibration.json says what was done."""
+    source, fitted = tmp_path / "source", tmp_path / "fitted"
+    common = ["--model", "tiny-llama", "--tasks", "passkey", "--lengths", "400", "--samples", "2",
+              "--delay", "64", "--chunk-size", "32"]
+    assert main(["--quiet", "calibrate", *common, "--out", str(source), "--perturb", "0.5"]) == 0
+    assert main(["--quiet", "calibrate", *common, "--out", str(fitted), "--namm", str(source), "--keep-stats",
+                 "--fit-threshold", "0.5"]) == 0
+    a, b = NAMM.from_pretrained(source), NAMM.from_pretrained(fitted)
+    assert torch.equal(a.get_flat(), b.get_flat())
+    assert torch.equal(a.norm.mean, b.norm.mean) and torch.equal(a.norm.m2, b.norm.m2)
+    assert b.config.threshold != a.config.threshold
+    record = json.loads((fitted / "calibration.json").read_text())
+    assert record["statistics"] == "kept from the source" and record["split"] == "train"
+    assert record["threshold_fit"]["target"] == 0.5
+    assert abs(record["threshold_fit"]["kept"] - 0.5) <= 0.05
+    assert record["threshold_fit"]["threshold"] == pytest.approx(b.config.threshold)
+    capsys.readouterr()
+    res = run_json(capsys, PROMPT, "--policy", "namm", "--namm", str(fitted), "--max-new-tokens", "1",
+                   "--keep", "threshold")
+    assert 0.2 < res["memory"]["prefill"]["kept_fraction"] < 0.8
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--keep-stats"], "give --namm and --fit-threshold"),
+    (["--fit-threshold", "1.5"], "kept fraction in (0, 1)"),
+])
+def test_calibrate_bad_fit_flags_are_clear_errors(capsys, tmp_path, argv, message):
+    assert main(["calibrate", "--model", "tiny-llama", "--out", str(tmp_path / "x"), *argv]) == 1
+    assert message in capsys.readouterr().err
 
 
 def test_keep_flag_switches_a_budget_namm_to_threshold_mode(capsys, tmp_path):
