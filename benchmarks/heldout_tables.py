@@ -2,6 +2,8 @@
 
     python benchmarks/heldout_tables.py docs/results/smollm2-heldout
     python benchmarks/heldout_tables.py docs/results/gemma3-transfer --tasks passkey
+    python benchmarks/heldout_tables.py docs/results/rl/halfcheetah --tasks rl:halfcheetah \
+        --full-tasks rl:halfcheetah --limit 100 --ratios 0.25,0.5 --vs-full
 
 Prints (markdown) the side-by-side table of the NAMM's threshold rows against every baseline at the
 kept fraction matched to it (``--match-namm``), the budget table (mean of the tasks the full cache
@@ -24,10 +26,9 @@ from namm.evaluation.runner import ROWS_FILE, load_rows
 NAMES = {"full": "full cache", "namm": "**NAMM**", "h2o": "H2O", "tova": "TOVA", "snapkv": "SnapKV",
          "streaming": "StreamingLLM", "pyramidkv": "PyramidKV", "l2": "L2 key norm",
          "expected-attention": "Expected Attention", "kvzip": "KVzip", "kvzip-once": "KVzip, once",
-         "ada-snapkv": "Ada-SnapKV"}
+         "ada-snapkv": "Ada-SnapKV", "random": "random eviction"}
 BASELINES = ["tova", "h2o", "streaming", "snapkv", "pyramidkv", "l2", "expected-attention", "kvzip", "kvzip-once",
-             "ada-snapkv"]
-RATIOS = ("0.25", "0.35", "0.5")
+             "ada-snapkv", "random"]
 
 
 def load(folder: Path) -> dict[tuple[str, str], dict[str, list[dict]]]:
@@ -87,7 +88,11 @@ def main() -> None:
     ap.add_argument("--full-tasks", default="passkey,niah_single,niah_multikey",
                     help="the tasks the full cache can do: the 'mean of 3' column and the budget table")
     ap.add_argument("--limit", type=int, default=32, help="prompts per complete cell")
+    ap.add_argument("--ratios", default="0.25,0.35,0.5", help="the fixed kept fractions of the budget table")
+    ap.add_argument("--vs-full", action="store_true",
+                    help="also print every row's paired difference against the full cache")
     args = ap.parse_args()
+    ratios = args.ratios.split(",")
     cells = load(args.folder)
     tasks, some = args.tasks.split(","), args.full_tasks.split(",")
     matched = sorted({s for (m, s) in cells if s.endswith("(namm)")})
@@ -107,15 +112,15 @@ def main() -> None:
               f"{fmt(mean_over(cells, key, some, args.limit), args.limit)} |")
 
     print(f"\nMean of {len(some)} ({', '.join(some)}) at a fixed kept fraction:\n")
-    print("| method | " + " | ".join(f"{float(r):.0%}" for r in RATIOS) + " |")
-    print("| --- |" + " ---: |" * len(RATIOS))
+    print("| method | " + " | ".join(f"{float(r):.0%}" for r in ratios) + " |")
+    print("| --- |" + " ---: |" * len(ratios))
     print(f"| full cache (100%) | {fmt(mean_over(cells, ('full', 'full'), some, args.limit), args.limit)} |"
-          + " |" * (len(RATIOS) - 1))
+          + " |" * (len(ratios) - 1))
     for m in ["namm"] + BASELINES:
-        if any((m, f"keep={r}") in cells for r in RATIOS):
+        if any((m, f"keep={r}") in cells for r in ratios):
             name = NAMES.get(m, m) + (" (budget)" if m == "namm" else "")
             print(f"| {name} | " + " | ".join(fmt(mean_over(cells, (m, f"keep={r}"), some, args.limit), args.limit)
-                                             for r in RATIOS) + " |")
+                                             for r in ratios) + " |")
 
     if namm not in cells:
         return
@@ -134,9 +139,13 @@ def main() -> None:
     for s in matched:
         for m in BASELINES:
             line(namm, (m, s), f"NAMM − {NAMES.get(m, m)} at {s}")
-    for r in RATIOS:
+    for r in ratios:
         line(namm, ("tova", f"keep={r}"), f"NAMM (threshold) − TOVA at {float(r):.0%}")
         line(("namm", f"keep={r}"), ("tova", f"keep={r}"), f"NAMM (budget) − TOVA at {float(r):.0%}")
+    if args.vs_full:
+        print()
+        for key in sorted(k for k in cells if k != ("full", "full")):
+            line(key, ("full", "full"), f"{NAMES.get(key[0], key[0])} {key[1]} − full cache")
 
 
 if __name__ == "__main__":

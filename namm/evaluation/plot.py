@@ -12,7 +12,8 @@ __all__ = ["plot_score_vs_cache"]
 def plot_score_vs_cache(summary: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Each method's settings as points (x: mean kept fraction of the cache, y: mean score with
     its standard error as error bars), joined in order of cache size and labelled with their
-    setting; budgetless methods (full cache) are single points."""
+    setting when there are few methods (with many, the legend and distinct markers tell them apart);
+    budgetless methods (full cache) are single points; the NAMM is drawn thicker, on top."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,23 +23,31 @@ def plot_score_vs_cache(summary: list[dict[str, Any]], path: str | Path, title: 
     for s in summary:
         if s["mean_fraction"] is not None:
             by_method[s["method"]].append(s)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for method, points in sorted(by_method.items()):
+    many = len(by_method) > 4
+    markers = "osD^v<>pPX*h"
+    fig, ax = plt.subplots(figsize=(7.5 if many else 6, 4.5 if many else 4), dpi=120)
+    for i, (method, points) in enumerate(sorted(by_method.items())):
         points.sort(key=lambda s: s["mean_fraction"])
         xs = [100 * s["mean_fraction"] for s in points]
         ys = [s["mean_score"] for s in points]
         errors = [s.get("se") or 0.0 for s in points]
-        ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, linestyle="-" if len(points) > 1 else "none",
-                    label=method)
+        own = method == "namm"
+        color = "black" if own else plt.get_cmap("tab20" if many else "tab10")(i % (20 if many else 10))
+        ax.errorbar(xs, ys, yerr=errors, marker="*" if own else markers[i % len(markers)], capsize=3, color=color,
+                    linestyle="-" if len(points) > 1 else "none", label=method, linewidth=2.5 if own else 1.2,
+                    markersize=10 if own else 5, zorder=3 if own else 2, alpha=1.0 if own or not many else 0.8)
         for s, x, y in zip(points, xs, ys):
-            if s["setting"] not in ("full",):
+            if s["setting"] not in ("full",) and (not many or own):
                 ax.annotate(s["setting"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("mean kept KV cache (% of a full cache, measured)")
     ax.set_ylabel("mean score (± standard error)")
     ax.set_xlim(0, 105)
     ax.grid(alpha=0.3)
     if by_method:
-        ax.legend(fontsize=8)
+        if many:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        else:
+            ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
