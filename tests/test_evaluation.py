@@ -150,7 +150,9 @@ def test_report_only_runs_nothing_and_gives_no_mean_to_a_row_missing_a_cell(tiny
         raise AssertionError("report_only ran a row")
 
     monkeypatch.setattr("namm.evaluation.runner._run_missing", no_runs)
+    produced = (tmp_path / "config.json").read_text()
     out = run_evaluation(replace(config, report_only=True), model, tok, progress=False)
+    assert (tmp_path / "config.json").read_text() == produced  # still the config that produced the rows
     assert len(out) == 6 and len(load_rows(tmp_path / ROWS_FILE)) == 6
     table = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in (tmp_path / "results.md").read_text().splitlines()
              if line.startswith("| full") or line.startswith("| streaming")}

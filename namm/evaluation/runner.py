@@ -312,7 +312,8 @@ def run_evaluation(config: EvalConfig, model=None, tokenizer=None, progress: boo
     if model is None:
         config, model, tokenizer = Suite.load(config)
     config, namm = resolve_conditions(config, tokenizer)
-    (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
+    if not (config.report_only and (out_dir / "config.json").exists()):  # the config that produced the rows
+        (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
     suite = Suite(config, model, tokenizer, EngineConfig(
         chunk_size=config.chunk_size, delay=config.delay, evict_at_prefill_end=config.evict_at_prefill_end,
         evict_during_prefill=config.evict_during_prefill))
