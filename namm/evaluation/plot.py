@@ -33,11 +33,13 @@ def plot_score_vs_cache(summary: list[dict[str, Any]], path: str | Path, title: 
         errors = [s.get("se") or 0.0 for s in points]
         own = method == "namm"
         full = method == "full"
-        color = "black" if own else "dimgray" if full else plt.get_cmap("tab20" if many else "tab10")(i % (20 if many else 10))
+        palette = plt.get_cmap("tab20" if many else "tab10")
+        color = "black" if own else "dimgray" if full else palette(i % palette.N)
         marker = "*" if own else "s" if full else markers[i % len(markers)]
         ax.errorbar(xs, ys, yerr=errors, marker=marker, capsize=3, color=color,
                     linestyle="-" if len(points) > 1 else "none", label=method, linewidth=2.5 if own else 1.2,
-                    markersize=10 if own else 7 if full else 5, zorder=3 if own else 2, alpha=1.0 if own or not many else 0.8)
+                    markersize=10 if own else 7 if full else 5, zorder=3 if own else 2,
+                    alpha=1.0 if own or not many else 0.8)
         for s, x, y in zip(points, xs, ys):
             if s["setting"] not in ("full",) and (not many or own):
                 ax.annotate(s["setting"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
