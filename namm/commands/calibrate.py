@@ -7,8 +7,7 @@ command runs those keep-all prompts and writes a loadable NAMM checkpoint folder
 To carry a NAMM to another model, ``--fit-threshold RATIO`` also (or, with ``--keep-stats``, only)
 refits its threshold-mode threshold on that model's training prompts, so that it keeps RATIO of a
 prompt there (:func:`namm.memory.calibration.fit_threshold`); the parameters do not change (unless
-``--perturb`` is given). What was
-done is recorded in ``calibration.json`` beside the checkpoint.
+``--perturb`` is given). What was done is recorded in ``calibration.json`` beside the checkpoint.
 """
 
 from __future__ import annotations
