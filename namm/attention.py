@@ -9,7 +9,8 @@ queries and its *whole* cache (keys of earlier tokens plus this call's). It
   own window; a layer whose KV heads keep different numbers of tokens (a *ragged* layer, see
   :mod:`namm.sequence`) also hides each head's leading padded slots;
 * for layers the policy manages, hands the policy this chunk's attention, query heads averaged per
-  KV group, one layer at a time (eager softmax, fp32), so no step ever holds all layers' attention;
+  KV group, one layer at a time (eager softmax, fp32, tiled per KV head and run of queries so each
+  tile stays in cache), so no step ever holds all layers' attention;
   and, only when asked, this chunk's queries (after RoPE, as the model applied it) and the values;
 * otherwise runs fused SDPA.
 """
@@ -50,6 +51,15 @@ class LayerHook:
     need_values: bool = False
     timer: Callable = NULL_TIMER  # times the "attention read" (namm.profiling)
     padding: dict[int, torch.Tensor] = field(default_factory=dict)
+    workspace: dict[str, torch.Tensor] = field(default_factory=dict)  # scratch of :func:`_eager_read`
+
+    def scratch(self, name: str, numel: int, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A flat scratch tensor of ``numel`` elements, reused across layers and calls (grown on
+        demand), so the attention read does not allocate (and page-fault) its scores every call."""
+        buffer = self.workspace.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != like.device:
+            buffer = self.workspace[name] = torch.empty(numel, dtype=dtype, device=like.device)
+        return buffer[:numel]
 
     def extras(self, query: torch.Tensor, value: torch.Tensor) -> dict[str, torch.Tensor]:
         """The optional ``observe`` arguments asked for, from query (1, Hq, q, d), value (1, Hkv, K, d)."""
@@ -118,6 +128,68 @@ def _eager(
     return out.view(1, hq, q_len, dim), probs
 
 
+# The attention read works on tiles of at most this many bytes of scores (one KV head and a run
+# of queries at a time), so the scores, their softmax, the output matmul and the group mean run
+# while the tile is in cache: 2-4x faster than one pass over every head at 4K-8K keys on a CPU.
+TILE_BYTES = 4 << 20
+UNTILED_BYTES = 1 << 20  # below this (a decoding step, a short cache) one pass over every head is faster
+
+
+def _eager_read(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+    softcap: float | None,
+    groups: int,
+    held: torch.Tensor | None,
+    hook: LayerHook,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_eager` for a layer whose attention the policy reads, tiled.
+
+    Returns the output (1, Hq, q, d) and the fp32 attention averaged over each KV head's query
+    heads, (Hkv, q, K), the same numbers as ``_eager(...)[1][0].mean(dim=1)``. Small calls (a
+    decoding step: under ``UNTILED_BYTES`` of scores) run as one :func:`_eager`; larger ones go one
+    KV head and at most ``TILE_BYTES`` of scores at a time, in scratch buffers the hook keeps (no
+    allocation per call).
+    """
+    _, hq, q_len, dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    row_bytes = groups * kv_len * 4  # one query's scores in fp32, all its group's heads
+    if kv_heads * q_len * row_bytes <= min(UNTILED_BYTES, TILE_BYTES):
+        out, probs = _eager(query, key, value, scaling, softcap, groups, held=held)
+        return out, probs[0].mean(dim=1)
+    tile = min(q_len, max(16, TILE_BYTES // row_bytes))
+    grouped = query[0].reshape(kv_heads, groups, q_len, dim)
+    out = query.new_empty(kv_heads, groups, q_len, dim)
+    attn = torch.empty(kv_heads, q_len, kv_len, dtype=torch.float32, device=query.device)
+    hidden = ~visible_mask(q_len, q_len, None, query.device)  # this call's own (q, q) causal block
+    scores_buf = hook.scratch("scores", groups * tile * kv_len, query, query.dtype)
+    probs_buf = hook.scratch("probs", groups * tile * kv_len, query, torch.float32)
+    for head in range(kv_heads):
+        key_t = key[0, head].transpose(0, 1)
+        for start in range(0, q_len, tile):
+            stop = min(q_len, start + tile)
+            n = stop - start
+            scores = scores_buf[: groups * n * kv_len].view(groups * n, kv_len)
+            torch.matmul(grouped[head, :, start:stop].reshape(groups * n, dim), key_t, out=scores)
+            scores = scores.mul_(scaling).view(groups, n, kv_len)
+            if softcap is not None:
+                scores.div_(softcap).tanh_().mul_(softcap)
+            scores[..., kv_len - q_len :].masked_fill_(hidden[start:stop], float("-inf"))
+            if held is not None:
+                scores.masked_fill_(~held[head], float("-inf"))
+            if scores.dtype == torch.float32:
+                probs = probs_buf[: groups * n * kv_len].view(groups, n, kv_len)
+                torch.ops.aten._softmax.out(scores, -1, False, out=probs)
+            else:
+                probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+            mixed = torch.matmul(probs.view(groups * n, kv_len).to(value.dtype), value[0, head])
+            out[head, :, start:stop] = mixed.view(groups, n, dim)
+            torch.mean(probs, dim=0, out=attn[head, start:stop])
+    return out.view(1, hq, q_len, dim), attn
+
+
 def namm_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -148,8 +220,8 @@ def namm_attention(
 
     if managed and hook.need_attn:
         with hook.timer("attention read"):
-            out, probs = _eager(query, key, value, scaling, softcap, groups, held=held)
-            attn = probs[0].mean(dim=1)  # (kv_heads, q, K): query heads averaged per KV group
+            # attn (kv_heads, q, K): query heads averaged per KV group
+            out, attn = _eager_read(query, key, value, scaling, softcap, groups, held, hook)
         hook.observe(layer, attn, key[0], **hook.extras(query, value))
     else:
         if softcap is not None:

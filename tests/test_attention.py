@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from namm.attention import _eager, visible_mask
+import namm.attention as attention_module
+from namm.attention import LayerHook, _eager, _eager_read, held_slots, visible_mask
 
 
 def repeated_reference(query, key, value, mask, scaling, softcap, groups):
@@ -40,3 +41,38 @@ def test_grouped_eager_equals_repeated_kv(groups: int, softcap: float | None, wi
     assert probs[0, :, :, 0, kv_len - q_len + 1 :].abs().max() == 0  # causal: the first query sees no later key
     if window is not None:
         assert probs[0, :, :, -1, : kv_len - window].abs().max() == 0  # outside the sliding window
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_tiled_read_equals_eager(monkeypatch, dtype, groups: int, softcap: float | None, ragged: bool) -> None:
+    """The policy's attention read, one KV head and a run of queries at a time in reused scratch
+    buffers, gives the output and the group-averaged fp32 attention of one untiled eager pass."""
+    gen = torch.Generator().manual_seed(groups + 7 * ragged)
+    kv_heads, q_len, kv_len, dim = 2, 37, 61, 8
+    query = torch.randn(1, q_len, kv_heads * groups, dim, generator=gen).to(dtype).transpose(1, 2)
+    key = torch.randn(1, kv_heads, kv_len, dim, generator=gen).to(dtype)
+    value = torch.randn(1, kv_heads, kv_len, dim, generator=gen).to(dtype)
+    held = held_slots(torch.tensor([0, 5]), kv_len) if ragged else None
+    ref_out, ref_probs = _eager(query, key, value, 0.35, softcap, groups, held=held)
+    hook = LayerHook(managed=frozenset({0}), observe=lambda *a, **k: None)
+    row_bytes = groups * kv_len * 4
+    # one untiled pass; one tile per head; tiles of 16 queries (16, 16 and 5 rows)
+    for tile_rows, untiled_bytes in ((q_len, 1 << 20), (q_len, 0), (16, 0)):
+        monkeypatch.setattr(attention_module, "TILE_BYTES", tile_rows * row_bytes)
+        monkeypatch.setattr(attention_module, "UNTILED_BYTES", untiled_bytes)
+        out, attn = _eager_read(query, key, value, 0.35, softcap, groups, held, hook)
+        assert out.dtype == dtype and out.shape == (1, kv_heads * groups, q_len, dim)
+        assert attn.dtype == torch.float32 and attn.shape == (kv_heads, q_len, kv_len)
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
+        torch.testing.assert_close(attn, ref_probs[0].mean(dim=1), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(attn.sum(-1), torch.ones(kv_heads, q_len))
+        assert attn[:, 0, kv_len - q_len + 1 :].abs().max() == 0  # causal in every tile
+        if ragged:
+            assert attn[1, :, :5].abs().max() == 0  # head 1's padded slots get nothing
+    scores = hook.workspace["scores"]
+    _eager_read(query, key, value, 0.35, softcap, groups, held, hook)
+    assert hook.workspace["scores"] is scores  # the scratch is reused, not reallocated
