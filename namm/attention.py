@@ -118,7 +118,8 @@ def _eager(
         scores.div_(softcap).tanh_().mul_(softcap)
     scores = scores.view(1, kv_heads, groups, q_len, kv_len)
     if window is None:  # every older key is visible: only this call's own (q, q) block is causal
-        scores[..., kv_len - q_len :].masked_fill_(~visible_mask(q_len, q_len, None, query.device), float("-inf"))
+        if q_len > 1:  # (a single query sees every key, its own included)
+            scores[..., kv_len - q_len :].masked_fill_(~visible_mask(q_len, q_len, None, query.device), float("-inf"))
     else:
         scores.masked_fill_(~visible_mask(q_len, kv_len, window, query.device), float("-inf"))
     if held is not None:

@@ -108,8 +108,13 @@ class AttentionMoments:
             raise RuntimeError(f"layer {layer}: attention covers {cache_len} keys but {old} "
                                "are tracked; prune() the evicted tokens first.")
         self._buffers[layer] = with_capacity(self._buffers[layer], 2, old, cache_len)
-        self._buffers[layer][:, :, old:cache_len].zero_()  # new tokens enter with zeros
+        if cache_len > old:
+            self._buffers[layer][:, :, old:cache_len].zero_()  # new tokens enter with zeros
         self._n_tokens[layer] = cache_len
+        if n_new == 1:  # a decoding step: the same update in a third of the tensor calls
+            self._fold_one(self._buffers[layer][:, :, :cache_len], attn[:, 0])
+            self.total[layer] = g * self.total.get(layer, 0.0) + (1.0 - g)
+            return
         state = self._stats(layer)  # updated in place below
         age = torch.arange(n_new - 1, -1, -1, dtype=attn.dtype, device=attn.device)  # newest query: 0
         w = (1.0 - g) * g**age  # (new_queries,)
@@ -128,6 +133,22 @@ class AttentionMoments:
         state["last"].copy_(a[:, -1])
         self.total[layer] = decay * self.total.get(layer, 0.0) + (1.0 - decay)
 
+    def _fold_one(self, stats: torch.Tensor, a: torch.Tensor) -> None:
+        """:meth:`observe` for one query, attention ``a`` (kv_heads, cache_len), into ``stats``
+        (len(STATS), kv_heads, cache_len) in place; its weight is w = 1 - g (age 0)."""
+        g = self.ema_coeff
+        w = 1.0 - g
+        s, s2, t, r, peak, received, last = stats.unbind(0)
+        r.add_(s, alpha=math.log(g))  # log w of the old queries gains log g (reads s before it decays)
+        stats[:5].mul_(g)  # s, s2, t, r and peak decay by g
+        r.add_(a, alpha=w * math.log(w))
+        s.add_(a, alpha=w)
+        s2.addcmul_(a, a, value=w)
+        t.add_(torch.xlogy(a, a), alpha=w)
+        torch.maximum(peak, a, out=peak)
+        received.add_(a)
+        last.copy_(a)
+
     def prune(self, layer: int, keep_idx: torch.Tensor) -> None:
         """Keep only the tokens ``keep_idx`` (kv_heads, n_keep) of ``layer``."""
         stats = self._buffers[layer][:, :, : self._n_tokens[layer]]
@@ -138,17 +159,17 @@ class AttentionMoments:
     # -- per-token statistics, each (kv_heads, cache_len) ------------------------------------------
     def mean(self, layer: int) -> torch.Tensor:
         """EMA-weighted mean attention received (the weights normalised to sum to 1)."""
-        return self.state[layer]["s"] / max(self.total[layer], 1e-30)
+        return self._stats(layer)["s"] / max(self.total[layer], 1e-30)
 
     def variance(self, layer: int) -> torch.Tensor:
         """EMA-weighted variance over queries of the attention received."""
-        total = max(self.total[layer], 1e-30)
-        mean = self.state[layer]["s"] / total
-        return (self.state[layer]["s2"] / total - mean * mean).clamp_min(0.0)
+        total, st = max(self.total[layer], 1e-30), self._stats(layer)
+        mean = st["s"] / total
+        return (st["s2"] / total - mean * mean).clamp_min(0.0)
 
     def entropy(self, layer: int) -> torch.Tensor:
         """Entropy of p_i = w_i a_i / sum_j w_j a_j over the queries i (0 for unattended tokens)."""
-        st = self.state[layer]
+        st = self._stats(layer)
         s = st["s"]
         attended = s > 0
         safe = torch.where(attended, s, torch.ones_like(s))
@@ -157,15 +178,15 @@ class AttentionMoments:
 
     def peak(self, layer: int) -> torch.Tensor:
         """max_i g**(T-1-i) a_i: the strongest recent attention, decayed with its age."""
-        return self.state[layer]["peak"]
+        return self._stats(layer)["peak"]
 
     def accumulated(self, layer: int) -> torch.Tensor:
         """sum_i a_i over every query since the token entered (H2O's score)."""
-        return self.state[layer]["sum"]
+        return self._stats(layer)["sum"]
 
     def last(self, layer: int) -> torch.Tensor:
         """The attention the newest query gave each token (TOVA's score, per head)."""
-        return self.state[layer]["last"]
+        return self._stats(layer)["last"]
 
 
 def extra_features(

@@ -28,16 +28,19 @@ def direct(series: torch.Tensor) -> dict[str, torch.Tensor]:
             "accumulated": series.sum(1), "last": series[:, -1]}
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_streaming_equals_direct_with_pruning(chunk: int) -> None:
+@pytest.mark.parametrize("chunks", [(1,), (7,), (64,), (64, 1, 1, 1, 7)], ids=["1", "7", "64", "prefill+decode"])
+def test_streaming_equals_direct_with_pruning(chunks: tuple[int, ...]) -> None:
+    """Chunks of 1 take the decoding step's own update (``_fold_one``); mixed schedules alternate."""
     heads, total = 2, 300
-    gen = torch.Generator().manual_seed(chunk)
+    gen = torch.Generator().manual_seed(sum(chunks))
     history = torch.rand(heads, total, total, generator=gen, dtype=torch.float64).tril()  # (heads, q, k)
     history[:, :, 5] = 0.0  # a key nobody attends (entropy 0 while it survives)
     moments = AttentionMoments(G)
     alive = torch.empty(heads, 0, dtype=torch.long)
-    for start in range(0, total, chunk):
-        stop = min(total, start + chunk)
+    start, step = 0, 0
+    while start < total:
+        stop = min(total, start + chunks[step % len(chunks)], (start // 100 + 1) * 100)
+        step += 1
         alive = torch.cat([alive, torch.arange(start, stop).expand(heads, -1)], dim=1)
         moments.observe(0, history[:, start:stop].gather(2, alive[:, None, :].expand(heads, stop - start, -1)))
         if stop % 100 == 0 or stop == total:
@@ -50,6 +53,7 @@ def test_streaming_equals_direct_with_pruning(chunk: int) -> None:
                                     for _ in range(heads)])
                 moments.prune(0, keep)
                 alive = alive.gather(1, keep)
+        start = stop
 
 
 def test_entropy_and_peak_on_simple_patterns() -> None:
