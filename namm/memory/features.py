@@ -207,8 +207,8 @@ class StreamingSpectrogram:
                 torch.matmul(dft.expand(lead[1], -1, -1), frames[head], out=x[head])
         else:
             torch.matmul(dft.expand(*lead, -1, -1), frames, out=x)
-        x = x.square_().unflatten(-2, (2, self.config.n_bins))  # (..., 2, n_bins, cache_len)
-        return x.sum(dim=-3).sqrt_()
+        n_bins = self.config.n_bins
+        return torch.hypot(x[..., :n_bins, :], x[..., n_bins:, :])  # |real + i imaginary|
 
     def observe(self, layer: int, attn: torch.Tensor) -> None:
         """Fold one forward call's attention (kv_heads, new_queries, cache_len) into the EMA."""
@@ -235,7 +235,7 @@ class StreamingSpectrogram:
             exponents = torch.arange(n_frames - 1, -1, -1, dtype=rows.dtype, device=rows.device)
             weights = (1.0 - beta) * beta**exponents  # (n_frames,), the newest frame last
             ema = self._emas[layer][:, :, :cache_len]  # (kv_heads, n_bins, cache_len)
-            ema.mul_(beta**n_frames).add_(torch.einsum("f,hfbk->hbk", weights, spectra))
+            ema.mul_(beta**n_frames).add_(torch.matmul(weights, spectra.flatten(2)).view_as(ema))
         self._keep_rows(layer, rows, n_frames * cfg.hop)
 
     def _grow(self, layer: int, cache_len: int) -> None:
