@@ -39,6 +39,9 @@ def add_parser(subparsers) -> None:
                         "processes on this machine (several can share one GPU; no Ray needed)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="Ray actors or worker processes (overrides the file's [ray] actors / [processes] workers)")
+    p.add_argument("--evaluate", default=None, metavar="NAMM",
+                   help="evolve nothing: evaluate this NAMM folder (e.g. the run's init, or another run's best/) on "
+                        "the run's eval prompts, as the run evaluates its CMA mean, and print its fitness")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no live progress display")
     p.set_defaults(func=run)
 
@@ -47,6 +50,13 @@ def run(args: argparse.Namespace) -> int:
     from namm.evolution.runner import run_from_file
 
     quiet = bool(getattr(args, "quiet", False))
+    if args.evaluate is not None:
+        result = run_from_file(args.config, output_dir=args.out, on_event=_log_event, threads=args.threads,
+                               backend=args.backend, workers=args.workers, evaluate=args.evaluate)
+        tasks = " ".join(f"{task} {value:.4f}" for task, value in result["per_task"].items())
+        print(f"{args.evaluate} on the run's eval prompts (stage {result['stage']}, {result['prompts']} prompts): "
+              f"fitness {result['fitness']:.4f}, score {result['raw']:.4f}, kept {result['kept']:.1%}; {tasks}")
+        return 0
     display = None if quiet else LiveDisplay()
     try:
         state = run_from_file(args.config, output_dir=args.out, resume=args.resume,

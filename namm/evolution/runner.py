@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from namm.evolution import checkpoint as ckpt
 from namm.evolution.backends import make_backend
@@ -160,6 +161,50 @@ class EvolutionRun:
         final = self._state()
         self.on_event("done", {"generation": self.es.generation, "run_dir": str(self.run_dir)})
         return final
+
+    def evaluate(self, namm_path: str | Path, backend: Any = None) -> dict[str, Any]:
+        """Evaluate a NAMM folder on this run's eval prompts, as the run evaluates its CMA mean
+        (same fitness, conditions, normalisation and full-cache references), without running or
+        changing a generation: the reference point for the run's ``eval_fitness`` column (say, the
+        NAMM the run started from). Only ``reference_scores.json`` may gain missing prompts.
+
+        The NAMM must read the run's inputs (its parameters are lifted onto the run's NAMM, as
+        ``init`` is) and carry the run's frozen normalisation, else the numbers would not compare.
+        Returns {"fitness", "kept", "raw", "per_task", "prompts", "stage", "tasks"}.
+        """
+        from namm.memory.model import NAMM, resolve_pretrained
+
+        c = self.config
+        norm = ckpt.load_calibration(self.run_dir)
+        if norm is None:
+            raise ValueError(f"{str(self.run_dir)!r} has no calibration yet: start the run (namm evolve CONFIG --out "
+                             f"{self.run_dir}) before evaluating a NAMM against it.")
+        try:
+            namm = NAMM.from_pretrained(resolve_pretrained(str(namm_path)))
+        except (FileNotFoundError, ValueError) as exc:
+            raise ValueError(f"--evaluate {str(namm_path)!r}: {exc}") from exc
+        if namm.norm is None or not (torch.equal(namm.norm.mean, norm.mean) and torch.equal(namm.norm.var, norm.var)):
+            raise ValueError(f"--evaluate {str(namm_path)!r}: its normalisation statistics are not this run's, so its "
+                             "fitness would not compare with the run's evaluations.")
+        spec = self._worker_spec()
+        params = lift_params(namm, build_namm(spec).config).double().numpy()
+        state = ckpt.load_state(self.run_dir)
+        generation = 0 if state is None else min(state["generation"], c.total_generations - 1)
+        stage_idx, _ = self.stage_of(generation)
+        tasks = c.stages[stage_idx].tasks
+        self.backend = backend or make_backend(c.backend, spec, c.ray, c.processes)
+        try:
+            self.pools = self.backend.call("build_pools", c)
+            self.references = ReferenceScores(self.run_dir / "reference_scores.json", c.model)
+            self.backend.set_calibration(norm)
+            prompts = self.pools.eval_batch(tasks)
+            refs = self._references(prompts)
+            fit = member_fitness(c.fitness, prompts, self._run_split(params, prompts), refs, self._weights())
+        finally:
+            if backend is None:
+                self.backend.close()
+        return {"fitness": fit.fitness, "kept": fit.kept, "raw": fit.raw, "per_task": fit.per_task,
+                "prompts": len(prompts), "stage": stage_idx + 1, "tasks": list(tasks)}
 
     def _log_session(self, generation: int) -> None:
         """One line per start or resume in ``sessions.jsonl``: where the generations from here ran
@@ -303,10 +348,11 @@ class EvolutionRun:
 
 def run_from_file(path: str | Path, output_dir: str | Path | None = None, resume: bool = False,
                   on_event: OnEvent | None = None, threads: int | None = None, backend: str | None = None,
-                  workers: int | None = None) -> dict[str, Any]:
+                  workers: int | None = None, evaluate: str | Path | None = None) -> dict[str, Any]:
     """Load a run's TOML file and run it (what ``namm evolve CONFIG`` does). ``threads`` (torch
     threads per worker), ``backend`` and ``workers`` (Ray actors or worker processes) override the
-    file: execution settings, so a run may resume with others (say, on a GPU machine)."""
+    file: execution settings, so a run may resume with others (say, on a GPU machine). With
+    ``evaluate`` (a NAMM folder) nothing is evolved: :meth:`EvolutionRun.evaluate`'s result is returned."""
     config = load_config(path, output_dir)
     if threads is not None:
         if threads < 1:
@@ -325,4 +371,10 @@ def run_from_file(path: str | Path, output_dir: str | Path | None = None, resume
             config.ray.actors = workers
         else:
             config.processes.workers = workers
-    return EvolutionRun(config, resume=resume, on_event=on_event, config_text=Path(path).read_text()).run()
+    run = EvolutionRun(config, resume=resume, on_event=on_event, config_text=Path(path).read_text())
+    if evaluate is not None:
+        if not run.run_dir.is_dir():
+            raise ValueError(f"--evaluate needs the run's folder; {str(run.run_dir)!r} does not exist.")
+        run._check_same_config()
+        return run.evaluate(evaluate)
+    return run.run()

@@ -267,3 +267,28 @@ def test_training_curve_follows_the_init_chain(run, tiny_config, tmp_path):
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a run without init is its own chain
     assert [r["generation"] for r in chain_history(run)] == [int(x["generation"]) for x in first]
+
+
+def test_evaluate_a_namm_on_the_runs_eval_prompts(run, tmp_path):
+    """``namm evolve CONFIG --out RUN --evaluate NAMM`` scores a NAMM as the run scores its mean:
+    mean/ (the CMA mean evaluated after the last generation) gets the fitness that evaluation
+    logged, on the last stage's tasks, and the run is left as it was."""
+    state, log = (run / "state.pkl").read_bytes(), (run / "log.csv").read_bytes()
+    last = run_state(run)["history"][-1]
+    assert last["eval_fitness"] is not None
+    result = EvolutionRun(load_run_config(run)).evaluate(run / "mean")
+    assert result["stage"] == 2 and result["tasks"] == ["passkey", "kv_retrieval"]
+    assert result["fitness"] == pytest.approx(last["eval_fitness"], abs=1e-6)
+    assert result["kept"] == pytest.approx(last["eval_kept"], abs=1e-6)
+    assert (run / "state.pkl").read_bytes() == state and (run / "log.csv").read_bytes() == log
+    other = NAMM.from_pretrained(run / "mean")
+    other.norm.mean += 1.0
+    other.save_pretrained(tmp_path / "other-norm")
+    with pytest.raises(ValueError, match="normalisation statistics are not this run's"):
+        EvolutionRun(load_run_config(run)).evaluate(tmp_path / "other-norm")
+
+
+def load_run_config(run: Path):
+    from namm.evolution.config import RunConfig
+
+    return RunConfig.from_dict(json.loads((run / "config.json").read_text()))
