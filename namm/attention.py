@@ -150,14 +150,14 @@ def _eager_read(
 
     Returns the output (1, Hq, q, d) and the fp32 attention averaged over each KV head's query
     heads, (Hkv, q, K), the same numbers as ``_eager(...)[1][0].mean(dim=1)``. Small calls (a
-    decoding step: under ``UNTILED_BYTES`` of scores) run as one :func:`_eager`; larger ones go one
-    KV head and at most ``TILE_BYTES`` of scores at a time, in scratch buffers the hook keeps (no
-    allocation per call).
+    decoding step: under ``UNTILED_BYTES`` of scores) and every call on a GPU (where kernel launches,
+    not caches, are the cost) run as one :func:`_eager`; larger ones on a CPU go one KV head and at
+    most ``TILE_BYTES`` of scores at a time, in scratch buffers the hook keeps (no allocation per call).
     """
     _, hq, q_len, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     row_bytes = groups * kv_len * 4  # one query's scores in fp32, all its group's heads
-    if kv_heads * q_len * row_bytes <= min(UNTILED_BYTES, TILE_BYTES):
+    if query.device.type != "cpu" or kv_heads * q_len * row_bytes <= min(UNTILED_BYTES, TILE_BYTES):
         out, probs = _eager(query, key, value, scaling, softcap, groups, held=held)
         return out, probs[0].mean(dim=1)
     tile = min(q_len, max(16, TILE_BYTES // row_bytes))
