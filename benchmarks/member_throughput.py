@@ -11,7 +11,9 @@ of them (``--members`` x ``--prompts`` prompts of ``--length`` tokens) under
   weights), ``bf16+share+c512`` (plus 512-token prefill chunks: the schedule
   ``examples/smollm2-default.toml`` uses; eviction still every ``delay`` tokens), ``+rayN`` (the
   members spread over N Ray actors with one torch thread each instead of one process with
-  ``--threads``: ``namm evolve`` with ``backend = "ray"``, ``[ray] actors = N``, ``threads = 1``).
+  ``--threads``: ``namm evolve`` with ``backend = "ray"``, ``[ray] actors = N``, ``threads = 1``;
+  the jobs are cut as ``namm evolve`` cuts them, each actor its own prompts, so each reads only
+  its own prompts' shared prefixes: ``namm.evolution.fitness.split_jobs``).
 
 ``--objective loglik`` (default, what the default run optimises) scores the teacher-forced
 likelihood of the answer; ``metric`` generates it greedily.
@@ -131,8 +133,8 @@ class Variant:
         if self.backend is not None:
             for actor in self.backend.actors:
                 self.backend.ray.get(actor.call.remote("clear_prefixes"))
-            t0 = time.perf_counter()
-            self.backend.run([fitness.Job(i, params, self.prompts) for i, params in enumerate(members)])
+            t0 = time.perf_counter()  # jobs as `namm evolve` sends them: each actor its own prompts
+            self.backend.run(fitness.split_jobs(members, self.prompts, self.backend.workers))
             return time.perf_counter() - t0
         with active(self.modules):
             store = getattr(self.worker.engine, "prefix_store", None)

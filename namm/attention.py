@@ -180,12 +180,18 @@ def _eager_read(
             scores[..., kv_len - q_len :].masked_fill_(hidden[start:stop], float("-inf"))
             if held is not None:
                 scores.masked_fill_(~held[head], float("-inf"))
-            if scores.dtype == torch.float32:
-                probs = probs_buf[: groups * n * kv_len].view(groups, n, kv_len)
-                torch.ops.aten._softmax.out(scores, -1, False, out=probs)
+            probs = probs_buf[: groups * n * kv_len].view(groups, n, kv_len)
+            logits = scores
+            if scores.dtype != torch.float32:  # bf16 / fp16: the softmax in fp32, as _eager's
+                logits = hook.scratch("logits", groups * tile * kv_len, query, torch.float32)
+                logits = logits[: groups * n * kv_len].view(groups, n, kv_len).copy_(scores)
+            torch.ops.aten._softmax.out(logits, -1, False, out=probs)
+            # the output reads the probabilities in the values' dtype (the scores' buffer is free now)
+            if value.dtype == torch.float32:
+                weights = probs
             else:
-                probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-            mixed = torch.matmul(probs.view(groups * n, kv_len).to(value.dtype), value[0, head])
+                weights = scores.copy_(probs) if scores.dtype == value.dtype else probs.to(value.dtype)
+            mixed = torch.matmul(weights.view(groups * n, kv_len), value[0, head])
             out[head, :, start:stop] = mixed.view(groups, n, dim)
             torch.mean(probs, dim=0, out=attn[head, start:stop])
     return out.view(1, hq, q_len, dim), attn

@@ -147,16 +147,20 @@ class RayBackend:
                 self._drop(actor)
         raise RuntimeError(f"Ray actors kept dying while running {method}; see the Ray logs.")
 
+    affinity = True  # honours Job.affinity: actor k of this run takes jobs with affinity k first
+
     def run(self, jobs: list[Job], on_done: OnDone | None = None) -> list[list[PromptResult]]:
         ray = self.ray
         results: list[Any] = [None] * len(jobs)
         retries = [0] * len(jobs)
         pending = deque(range(len(jobs)))
         idle = list(self._alive())
+        slot = {id(actor): k for k, actor in enumerate(idle)}  # a job's affinity names a slot
         in_flight: dict[Any, tuple[int, Any]] = {}
         while pending or in_flight:
             while pending and idle:
-                i, actor = pending.popleft(), idle.pop(0)
+                actor = idle.pop(0)
+                i = _take(pending, jobs, slot.get(id(actor)))
                 in_flight[actor.run.remote(jobs[i])] = (i, actor)
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             i, actor = in_flight.pop(ready[0])
@@ -194,6 +198,17 @@ class RayBackend:
         for actor in self.actors:
             self.ray.kill(actor)
         self.actors = []
+
+
+def _take(pending: deque, jobs: list[Job], slot: int | None) -> int:
+    """The next job for the worker in ``slot``: the first pending one with that affinity, else the
+    first pending one (a worker whose own jobs are done helps with the others)."""
+    if slot is not None:
+        for position, i in enumerate(pending):
+            if jobs[i].affinity == slot:
+                del pending[position]
+                return i
+    return pending.popleft()
 
 
 # -- the processes backend: one Worker per spawned process, built on its first task ---------------

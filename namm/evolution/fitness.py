@@ -171,11 +171,36 @@ class WorkerSpec:
 
 @dataclass
 class Job:
-    """Evaluate ``params`` (None: the full cache) on ``prompts``; ``key`` says whose job it is."""
+    """Evaluate ``params`` (None: the full cache) on ``prompts``; ``key`` says whose job it is.
+
+    ``affinity``: the worker that should run it if it is free (a backend that can choose, Ray);
+    jobs on the same prompts go to the same worker so each prompt's shared prefix is read once.
+    """
 
     key: int
     params: np.ndarray | None
     prompts: list[Prompt]
+    affinity: int | None = None
+
+
+def split_jobs(members: list[np.ndarray], prompts: list[Prompt], workers: int) -> list[Job]:
+    """One job per member and group of prompts: the prompts cut into ``workers`` contiguous groups,
+    group k's jobs with affinity k, so a worker reads only its own prompts' shared prefixes (with
+    whole-member jobs every worker reads every prompt's). Members first, then groups, so the
+    workers start on different groups. :func:`merge_results` puts the results back per member."""
+    n = max(1, min(workers, len(prompts)))
+    bounds = [round(k * len(prompts) / n) for k in range(n + 1)]
+    groups = [prompts[bounds[k]:bounds[k + 1]] for k in range(n)]
+    return [Job(i, params, group, affinity=k if n > 1 else None)
+            for i, params in enumerate(members) for k, group in enumerate(groups)]
+
+
+def merge_results(jobs: list[Job], results: list[list["PromptResult"]], members: int) -> list[list["PromptResult"]]:
+    """Per member, its jobs' results in prompt order (the inverse of :func:`split_jobs`)."""
+    merged: list[list[PromptResult]] = [[] for _ in range(members)]
+    for job, result in sorted(zip(jobs, results), key=lambda pair: (pair[0].key, pair[0].affinity or 0)):
+        merged[job.key].extend(result)
+    return merged
 
 
 class Worker:

@@ -31,7 +31,8 @@ import torch
 from namm.evolution import checkpoint as ckpt
 from namm.evolution.backends import make_backend
 from namm.evolution.config import BACKENDS, RunConfig, load_config
-from namm.evolution.fitness import Job, MemberFitness, PromptResult, WorkerSpec, build_namm, member_fitness
+from namm.evolution.fitness import (Job, MemberFitness, PromptResult, WorkerSpec, build_namm, member_fitness,
+                                   merge_results, split_jobs)
 from namm.evolution.optimizer import CMAES
 from namm.evolution.plot import plot_history
 from namm.evolution.prompts import Prompt, PromptPools, ReferenceScores
@@ -266,9 +267,13 @@ class EvolutionRun:
         prompts = self.pools.generation_batch(g, tasks)
         refs = self._references(prompts)
         members = self.es.ask()
-        jobs = [Job(i, members[i], prompts) for i in range(len(members))]
-        done = lambda i: self.on_event("member", {"generation": g, "member": i, "popsize": len(jobs)})  # noqa: E731
-        results = self.backend.run(jobs, on_done=done)
+        if getattr(self.backend, "affinity", False) and self.backend.workers > 1:  # each worker its own prompts
+            jobs = split_jobs(members, prompts, self.backend.workers)
+        else:
+            jobs = [Job(i, members[i], prompts) for i in range(len(members))]
+        done = lambda i: self.on_event("member", {"generation": g, "member": jobs[i].key,  # noqa: E731
+                                                  "popsize": len(members)})
+        results = merge_results(jobs, self.backend.run(jobs, on_done=done), len(members))
         fits = [member_fitness(c.fitness, prompts, r, refs, self._weights()) for r in results]
         self.es.tell([f.fitness for f in fits])
         row = self._row(g, stage_idx, tasks, fits)
@@ -328,7 +333,7 @@ class EvolutionRun:
         """Run one parameter vector on many prompts, split over the backend's workers."""
         n = max(1, min(int(getattr(self.backend, "workers", 1)), len(prompts)))
         size = math.ceil(len(prompts) / n)
-        jobs = [Job(-1, params, prompts[i:i + size]) for i in range(0, len(prompts), size)]
+        jobs = [Job(-1, params, prompts[i:i + size], affinity=k) for k, i in enumerate(range(0, len(prompts), size))]
         return [r for job_results in self.backend.run(jobs) for r in job_results]
 
     # -- checkpoint and outputs -------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from namm.evolution.config import FitnessConfig
@@ -151,3 +152,33 @@ def test_reference_scores_are_cached_on_disk(tmp_path):
     assert again.missing(ps) == ps[2:]
     assert [PromptResult.from_dict(r).score for r in again.get(ps[:2])] == [1.0, 0.0]
     assert ReferenceScores(path, "other-model").missing(ps) == ps  # keyed by model too
+
+
+def test_split_jobs_give_each_worker_its_own_prompts_and_merge_back_in_order():
+    """With W workers a member's prompts are cut into W contiguous groups, group k's jobs prefer
+    worker k (so each worker reads only its own prompts' shared prefixes), and the results merge
+    back per member in prompt order."""
+    from collections import deque
+
+    from namm.evolution.backends import _take
+    from namm.evolution.fitness import PromptResult, merge_results, split_jobs
+
+    prompts = [f"p{j}" for j in range(5)]
+    members = [np.full(3, float(i)) for i in range(4)]
+    jobs = split_jobs(members, prompts, workers=2)
+    assert [(j.key, j.prompts, j.affinity) for j in jobs[:2]] == [(0, ["p0", "p1"], 0), (0, ["p2", "p3", "p4"], 1)]
+    assert len(jobs) == 8 and all(j.params[0] == j.key for j in jobs)
+    for k in (0, 1):  # every member has exactly one job per group
+        assert sorted(j.key for j in jobs if j.affinity == k) == [0, 1, 2, 3]
+    results = [[PromptResult(score=float(p[1:]) + 10 * j.key) for p in j.prompts] for j in jobs]
+    merged = merge_results(list(reversed(jobs)), list(reversed(results)), 4)  # in any order of completion
+    assert [[r.score for r in m] for m in merged] == [[10 * i + j for j in range(5)] for i in range(4)]
+    assert [j.affinity for j in split_jobs(members, prompts, workers=1)] == [None] * 4
+    assert len(split_jobs(members, prompts[:1], workers=3)) == 4  # never more groups than prompts
+    # a worker takes the first pending job with its affinity, else the first pending one
+    pending = deque(range(len(jobs)))
+    assert _take(pending, jobs, 1) == 1 and _take(pending, jobs, 1) == 3 and _take(pending, jobs, 0) == 0
+    assert _take(pending, jobs, None) == 2
+    for _ in range(2):
+        _take(pending, jobs, 1)
+    assert [jobs[i].affinity for i in pending] == [0, 0] and _take(pending, jobs, 1) == 4  # helps with group 0
