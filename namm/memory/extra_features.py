@@ -41,6 +41,7 @@ from namm.memory.buffers import capacity_for, fresh, with_capacity
 EXTRA_FEATURES = ("value_norm", "key_norm", "attn_var", "attn_entropy", "attn_peak", "attn_sum", "attn_last")
 NAMM_EXTRAS = ("key_norm", "attn_var", "attn_entropy", "attn_peak", "attn_sum", "attn_last")  # what NAMMPolicy streams
 LOG_EPS = 1e-10  # floor inside the logs of variance and peak
+PENDING_ROWS = 16  # decoding steps whose attention is stored before it is folded (AttentionMoments)
 
 
 def relative_log_norm(x: torch.Tensor) -> torch.Tensor:
@@ -81,45 +82,74 @@ class AttentionMoments:
         self._buffers: dict[int, torch.Tensor] = {}  # layer -> (len(STATS), kv_heads, capacity), see namm.memory.buffers
         self._n_tokens: dict[int, int] = {}
         self.total: dict[int, float] = {}
+        self._pending: dict[int, torch.Tensor] = {}  # layer -> (kv_heads, PENDING_ROWS, capacity): decoding rows
+        self._n_pending: dict[int, int] = {}
 
     def reset(self) -> None:
-        self._buffers.clear()
-        self._n_tokens.clear()
-        self.total.clear()
+        for state in (self._buffers, self._n_tokens, self.total, self._pending, self._n_pending):
+            state.clear()
 
     @property
     def state(self) -> dict[int, dict[str, torch.Tensor]]:
         """Layer -> {"s", "s2", "t", "r", "peak", "sum", "last"} -> (kv_heads, cache_len) (views of the buffers)."""
-        return {layer: self._stats(layer) for layer in self._buffers}
+        return {layer: self._current(layer) for layer in self._buffers}
 
     def _stats(self, layer: int) -> dict[str, torch.Tensor]:
         stats = self._buffers[layer][:, :, : self._n_tokens[layer]]
         return dict(zip(self.STATS, stats.unbind(0)))
 
+    def _current(self, layer: int) -> dict[str, torch.Tensor]:
+        """:meth:`_stats` with every decoding step's attention folded in."""
+        self._flush(layer)
+        return self._stats(layer)
+
     def observe(self, layer: int, attn: torch.Tensor) -> None:
-        """Fold one forward call's attention (kv_heads, new_queries, cache_len) into the state."""
+        """Fold one forward call's attention (kv_heads, new_queries, cache_len) into the state.
+
+        A decoding step's row (one query) is only stored: up to ``PENDING_ROWS`` of them are folded
+        at once, as one chunk (the closed form is exact for any number of rows), when the buffer is
+        full or before the statistics are read or pruned. That is 1 tensor call per layer and step
+        instead of ~25.
+        """
         heads, n_new, cache_len = attn.shape
-        g = self.ema_coeff
         if layer not in self._buffers:
             self._buffers[layer] = attn.new_zeros(len(self.STATS), heads, capacity_for(cache_len))
-            self._n_tokens[layer] = 0
+            self._pending[layer] = attn.new_zeros(heads, PENDING_ROWS, capacity_for(cache_len))
+            self._n_tokens[layer], self._n_pending[layer] = 0, 0
         old = self._n_tokens[layer]
         if cache_len < old:
             raise RuntimeError(f"layer {layer}: attention covers {cache_len} keys but {old} "
                                "are tracked; prune() the evicted tokens first.")
         self._buffers[layer] = with_capacity(self._buffers[layer], 2, old, cache_len)
-        if cache_len > old:
-            self._buffers[layer][:, :, old:cache_len].zero_()  # new tokens enter with zeros
+        self._pending[layer] = with_capacity(self._pending[layer], 2, old, cache_len)
+        if cache_len > old:  # new tokens enter with zeros, and got no attention from the stored rows
+            self._buffers[layer][:, :, old:cache_len].zero_()
+            self._pending[layer][:, :, old:cache_len].zero_()
         self._n_tokens[layer] = cache_len
-        if n_new == 1:  # a decoding step: the same update in a third of the tensor calls
-            self._fold_one(self._buffers[layer][:, :, :cache_len], attn[:, 0])
-            self.total[layer] = g * self.total.get(layer, 0.0) + (1.0 - g)
+        if n_new == 1:
+            row = self._n_pending[layer]
+            self._pending[layer][:, row, :cache_len] = attn[:, 0]
+            self._n_pending[layer] = row + 1
+            if row + 1 == PENDING_ROWS:
+                self._flush(layer)
             return
+        self._flush(layer)
+        self._fold(layer, attn)
+
+    def _flush(self, layer: int) -> None:
+        """Fold the stored decoding rows of ``layer``, if any."""
+        n = self._n_pending.get(layer, 0)
+        if n:
+            self._n_pending[layer] = 0
+            self._fold(layer, self._pending[layer][:, :n, : self._n_tokens[layer]])
+
+    def _fold(self, layer: int, a: torch.Tensor) -> None:
+        """Fold attention ``a`` (kv_heads, new_queries, cache_len), the newest query last."""
+        n_new, g = a.shape[1], self.ema_coeff
         state = self._stats(layer)  # updated in place below
-        age = torch.arange(n_new - 1, -1, -1, dtype=attn.dtype, device=attn.device)  # newest query: 0
+        age = torch.arange(n_new - 1, -1, -1, dtype=a.dtype, device=a.device)  # newest query: 0
         w = (1.0 - g) * g**age  # (new_queries,)
         decay = g**n_new
-        a = attn
         weights = torch.stack([w, w * w.log()])  # (2, new_queries): for s and for r
         s_new, r_new = torch.matmul(weights, a).unbind(1)  # 2 x (kv_heads, cache_len)
         # old weights shrink by g**n_new: log w gains n_new log g (r reads s before s moves on)
@@ -133,43 +163,31 @@ class AttentionMoments:
         state["last"].copy_(a[:, -1])
         self.total[layer] = decay * self.total.get(layer, 0.0) + (1.0 - decay)
 
-    def _fold_one(self, stats: torch.Tensor, a: torch.Tensor) -> None:
-        """:meth:`observe` for one query, attention ``a`` (kv_heads, cache_len), into ``stats``
-        (len(STATS), kv_heads, cache_len) in place; its weight is w = 1 - g (age 0)."""
-        g = self.ema_coeff
-        w = 1.0 - g
-        s, s2, t, r, peak, received, last = stats.unbind(0)
-        r.add_(s, alpha=math.log(g))  # log w of the old queries gains log g (reads s before it decays)
-        stats[:5].mul_(g)  # s, s2, t, r and peak decay by g
-        r.add_(a, alpha=w * math.log(w))
-        s.add_(a, alpha=w)
-        s2.addcmul_(a, a, value=w)
-        t.add_(torch.xlogy(a, a), alpha=w)
-        torch.maximum(peak, a, out=peak)
-        received.add_(a)
-        last.copy_(a)
-
     def prune(self, layer: int, keep_idx: torch.Tensor) -> None:
         """Keep only the tokens ``keep_idx`` (kv_heads, n_keep) of ``layer``."""
+        self._flush(layer)
         stats = self._buffers[layer][:, :, : self._n_tokens[layer]]
         idx = keep_idx.to(stats.device)
         self._buffers[layer] = fresh(stats.gather(2, idx.expand(len(self.STATS), *idx.shape)), 2)
+        self._pending[layer] = stats.new_zeros(stats.shape[1], PENDING_ROWS, capacity_for(idx.shape[-1]))
         self._n_tokens[layer] = idx.shape[-1]
 
     # -- per-token statistics, each (kv_heads, cache_len) ------------------------------------------
     def mean(self, layer: int) -> torch.Tensor:
         """EMA-weighted mean attention received (the weights normalised to sum to 1)."""
-        return self._stats(layer)["s"] / max(self.total[layer], 1e-30)
+        st = self._current(layer)
+        return st["s"] / max(self.total[layer], 1e-30)
 
     def variance(self, layer: int) -> torch.Tensor:
         """EMA-weighted variance over queries of the attention received."""
-        total, st = max(self.total[layer], 1e-30), self._stats(layer)
+        st = self._current(layer)
+        total = max(self.total[layer], 1e-30)
         mean = st["s"] / total
         return (st["s2"] / total - mean * mean).clamp_min(0.0)
 
     def entropy(self, layer: int) -> torch.Tensor:
         """Entropy of p_i = w_i a_i / sum_j w_j a_j over the queries i (0 for unattended tokens)."""
-        st = self._stats(layer)
+        st = self._current(layer)
         s = st["s"]
         attended = s > 0
         safe = torch.where(attended, s, torch.ones_like(s))
@@ -178,15 +196,15 @@ class AttentionMoments:
 
     def peak(self, layer: int) -> torch.Tensor:
         """max_i g**(T-1-i) a_i: the strongest recent attention, decayed with its age."""
-        return self._stats(layer)["peak"]
+        return self._current(layer)["peak"]
 
     def accumulated(self, layer: int) -> torch.Tensor:
         """sum_i a_i over every query since the token entered (H2O's score)."""
-        return self._stats(layer)["sum"]
+        return self._current(layer)["sum"]
 
     def last(self, layer: int) -> torch.Tensor:
         """The attention the newest query gave each token (TOVA's score, per head)."""
-        return self._stats(layer)["last"]
+        return self._current(layer)["last"]
 
 
 def extra_features(

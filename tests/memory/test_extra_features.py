@@ -56,6 +56,28 @@ def test_streaming_equals_direct_with_pruning(chunks: tuple[int, ...]) -> None:
         start = stop
 
 
+def test_decoding_rows_stored_then_folded_match_direct_across_a_prune() -> None:
+    """A decoding step's attention is stored and folded later (at 16 rows, a read or a prune): a
+    prune straight after some stored rows, then more rows, still gives the direct statistics."""
+    heads, total = 2, 60
+    gen = torch.Generator().manual_seed(3)
+    history = torch.rand(heads, total, total, generator=gen, dtype=torch.float64).tril()
+    moments = AttentionMoments(G)
+    moments.observe(0, history[:, :40, :40])  # a prefill chunk
+    for t in range(40, 45):  # five decoding steps, stored
+        moments.observe(0, history[:, t : t + 1, : t + 1])
+    keep = torch.tensor([[0, 3, 10, 41, 44], [1, 2, 39, 42, 43]])
+    moments.prune(0, keep)  # no read before it: the stored rows must be folded first
+    alive = keep
+    for t in range(45, total):  # fifteen more: one full buffer of 16 is never reached after the prune
+        alive = torch.cat([alive, torch.full((heads, 1), t)], dim=1)
+        moments.observe(0, history[:, t : t + 1].gather(2, alive[:, None, :]))
+    for h in range(heads):
+        expected = direct(history[h, :total].T[alive[h]])
+        for stat, value in expected.items():
+            torch.testing.assert_close(getattr(moments, stat)(0)[h], value, rtol=1e-9, atol=1e-12)
+
+
 def test_entropy_and_peak_on_simple_patterns() -> None:
     n = 200
     attn = torch.zeros(1, n, 3, dtype=torch.float64)  # (heads, queries, keys)
