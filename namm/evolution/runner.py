@@ -271,8 +271,13 @@ class EvolutionRun:
             jobs = split_jobs(members, prompts, self.backend.workers)
         else:
             jobs = [Job(i, members[i], prompts) for i in range(len(members))]
-        done = lambda i: self.on_event("member", {"generation": g, "member": jobs[i].key,  # noqa: E731
-                                                  "popsize": len(members)})
+        finished = [0]
+
+        def done(i: int) -> None:  # "member": how many members' worth of jobs are done, minus one
+            finished[0] += 1
+            self.on_event("member", {"generation": g, "member": finished[0] * len(members) // len(jobs) - 1,
+                                     "popsize": len(members)})
+
         results = merge_results(jobs, self.backend.run(jobs, on_done=done), len(members))
         fits = [member_fitness(c.fitness, prompts, r, refs, self._weights()) for r in results]
         self.es.tell([f.fitness for f in fits])
