@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from namm.memory.buffers import capacity_for, fresh, with_capacity
 from namm.memory.extra_features import AttentionMoments, extra_columns, vector_norms
 from namm.memory.features import RunningStats, StreamingSpectrogram, normalised_inputs, relative_depth
 from namm.memory.model import KEEP_MODES, NAMM
@@ -68,7 +69,7 @@ class NAMMPolicy(MemoryPolicy):
     per_head: bool = False
     needs_attention = True
     name = "namm"
-    fork_fields = ("spectrogram", "positions", "moments", "key_norms")
+    fork_fields = ("spectrogram", "positions", "moments", "key_norm_buffers")
 
     def fork_key(self) -> tuple:
         """Features depend on the feature config only, not on the parameters: members share prefixes."""
@@ -141,7 +142,8 @@ class NAMMPolicy(MemoryPolicy):
         self.positions: dict[int, torch.Tensor] = {}  # layer -> (kv_heads, cache_len)
         attn_extras = any(name.startswith("attn_") for name in features.extras)
         self.moments = AttentionMoments(features.ema_coeff) if attn_extras else None
-        self.key_norms: dict[int, torch.Tensor] | None = {} if "key_norm" in features.extras else None
+        # layer -> (kv_heads, capacity) float32 key norms, the first cache_len slots in use
+        self.key_norm_buffers: dict[int, torch.Tensor] | None = {} if "key_norm" in features.extras else None
         self._plans: dict[int, tuple] = {}  # this eviction step: layer -> (scores, candidates, n_keep)
 
     def observe(self, layer: int, attn: torch.Tensor | None, keys: torch.Tensor, positions: torch.Tensor) -> None:
@@ -151,24 +153,37 @@ class NAMMPolicy(MemoryPolicy):
             self.spectrogram.observe(layer, attn)
             if self.moments is not None:
                 self.moments.observe(layer, attn)
-            if self.key_norms is not None:
-                self.key_norms[layer] = self._key_norms(layer, keys)
+            if self.key_norm_buffers is not None:
+                self._observe_key_norms(layer, keys)
         self.positions[layer] = positions
 
-    def _key_norms(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
-        """(kv_heads, cache_len) norms of ``keys``: the tracked ones (a cached key never changes),
-        then the new tokens'; a decoding step computes one norm per head, not the whole cache's."""
-        tracked = self.key_norms.get(layer)
-        if tracked is None:
-            return vector_norms(keys)
-        return torch.cat([tracked, vector_norms(keys[:, tracked.shape[1]:])], dim=1)
+    def _observe_key_norms(self, layer: int, keys: torch.Tensor) -> None:
+        """Append the norms of the new tokens' keys (a cached key never changes): a decoding step
+        computes one norm per head and writes it in place (:mod:`namm.memory.buffers`)."""
+        tracked = self.positions[layer].shape[1] if layer in self.positions else 0
+        n = keys.shape[1]
+        buffer = self.key_norm_buffers.get(layer)
+        if buffer is None:
+            buffer = keys.new_zeros(keys.shape[0], capacity_for(n), dtype=torch.float32)
+        buffer = self.key_norm_buffers[layer] = with_capacity(buffer, 1, tracked, n)
+        buffer[:, tracked:n] = vector_norms(keys[:, tracked:])
+
+    @property
+    def key_norms(self) -> dict[int, torch.Tensor] | None:
+        """Layer -> (kv_heads, cache_len) norms of the cached keys (views), or None when the NAMM
+        does not read them."""
+        if self.key_norm_buffers is None:
+            return None
+        return {layer: buffer[:, : self.positions[layer].shape[1]] for layer, buffer in self.key_norm_buffers.items()}
 
     def extras(self, layer: int) -> torch.Tensor | None:
         """The configured extra inputs of ``layer``'s tokens, (kv_heads, cache_len, n_extras), or None."""
         names = self.namm.config.features.extras
         if not names:
             return None
-        key_norms = None if self.key_norms is None else self.key_norms[layer]
+        key_norms = None
+        if self.key_norm_buffers is not None:
+            key_norms = self.key_norm_buffers[layer][:, : self.positions[layer].shape[1]]
         if key_norms is not None and self.per_head:  # padding takes the mean of the head's tokens,
             held = self.positions[layer] >= 0  # so norms stay relative to the tokens it holds
             mean = (key_norms * held).sum(-1, keepdim=True) / held.sum(-1, keepdim=True)
@@ -218,8 +233,9 @@ class NAMMPolicy(MemoryPolicy):
         self.spectrogram.prune(layer, keep)
         if self.moments is not None:
             self.moments.prune(layer, keep)
-        if self.key_norms is not None:
-            self.key_norms[layer] = self.key_norms[layer].gather(1, keep.to(self.key_norms[layer].device))
+        if self.key_norm_buffers is not None:
+            buffer = self.key_norm_buffers[layer]
+            self.key_norm_buffers[layer] = fresh(buffer.gather(1, keep.to(buffer.device)), 1)
 
     def _plan(self, layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor | None, int]]:
         """Per layer: the scores (kv_heads, cache_len), the threshold candidates to rank (None in

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from namm.memory.extra_features import EXTRA_FEATURES, AttentionMoments, extra_features, relative_log_norm
+from namm.memory.extra_features import EXTRA_FEATURES, AttentionMoments, a_log_a, extra_features, relative_log_norm
 
 G = 0.99
 
@@ -43,6 +43,8 @@ def test_streaming_equals_direct_with_pruning(chunks: tuple[int, ...]) -> None:
         step += 1
         alive = torch.cat([alive, torch.arange(start, stop).expand(heads, -1)], dim=1)
         moments.observe(0, history[:, start:stop].gather(2, alive[:, None, :].expand(heads, stop - start, -1)))
+        n = alive.shape[1]  # slots past the tracked tokens stay zero: new tokens enter from them unwritten
+        assert not moments._buffers[0][:, :, n:].any() and not moments._pending[0][:, :, n:].any()
         if stop % 100 == 0 or stop == total:
             for h in range(heads):
                 expected = direct(history[h, :stop].T[alive[h]])
@@ -76,6 +78,21 @@ def test_decoding_rows_stored_then_folded_match_direct_across_a_prune() -> None:
         expected = direct(history[h, :total].T[alive[h]])
         for stat, value in expected.items():
             torch.testing.assert_close(getattr(moments, stat)(0)[h], value, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_a_log_a_equals_xlogy(dtype: torch.dtype) -> None:
+    """The vectorised a log a matches torch.xlogy(a, a): 0 log 0 = 0, denormals, 1, the tensor
+    left unchanged."""
+    tiny = torch.finfo(dtype).tiny
+    a = torch.cat([torch.tensor([0.0, tiny / 4, tiny, 1e-30, 0.5, 1.0]),
+                   torch.rand(500, generator=torch.Generator().manual_seed(3))]).to(dtype)
+    before = a.clone()
+    got, want = a_log_a(a), torch.xlogy(a.double(), a.double())
+    assert torch.equal(a, before)
+    assert got.dtype == dtype and got[0] == 0.0 and got[5] == 0.0
+    assert torch.allclose(got.double(), want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-30)
+    assert got[1].abs() < 1e-36  # below the smallest normal number: off by < 1e-36 from xlogy
 
 
 def test_entropy_and_peak_on_simple_patterns() -> None:

@@ -36,6 +36,12 @@ def chunks(total: int, chunk: int, delay: int):
         start = stop
 
 
+def assert_spare_slots_zero(spec: StreamingSpectrogram, layer: int) -> None:
+    """Every buffer slot past the tracked tokens is zero: new tokens enter from them unwritten."""
+    n = spec.ema(layer).shape[1]
+    assert not spec._rows[layer][:, :, n:].any() and not spec._emas[layer][:, :, n:].any()
+
+
 def check_streaming(cfg: FeatureConfig, chunk: int, prune: bool, total: int = 613, delay: int = 160) -> None:
     """Stream random attention in scheduled chunks (pruning at eviction steps); compare with torch.stft."""
     heads = 2
@@ -48,6 +54,7 @@ def check_streaming(cfg: FeatureConfig, chunk: int, prune: bool, total: int = 61
         alive = torch.cat([alive, torch.arange(start, stop).expand(heads, -1)], dim=1)
         attn = history[:, start:stop, :].gather(2, alive[:, None, :].expand(heads, stop - start, -1))
         spec.observe(0, attn)
+        assert_spare_slots_zero(spec, 0)
         if stop % delay == 0 or stop == total:
             for h in range(heads):
                 expected = offline_ema(history[h, :stop, :].T[alive[h]], cfg)
