@@ -149,7 +149,10 @@ class AttentionMoments:
         n = self._n_pending.get(layer, 0)
         if n:
             self._n_pending[layer] = 0
-            self._fold(layer, self._pending[layer][:, :n, : self._n_tokens[layer]])
+            # a read or prune comes from an eviction step, outside the forward's inference mode,
+            # where the buffers (made inside it) cannot be updated in place otherwise
+            with torch.inference_mode():
+                self._fold(layer, self._pending[layer][:, :n, : self._n_tokens[layer]])
 
     def _fold(self, layer: int, a: torch.Tensor) -> None:
         """Fold attention ``a`` (kv_heads, new_queries, cache_len), the newest query last."""

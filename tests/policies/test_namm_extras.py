@@ -186,3 +186,22 @@ def test_batched_scoring_with_extras_under_the_engine(tiny_llama, monkeypatch, m
         assert step_a == step_b and kept_a.keys() == kept_b.keys()
         for layer in kept_a:
             assert torch.equal(kept_a[layer], kept_b[layer])
+
+
+def test_decoding_across_an_eviction_step_with_stored_attention_rows(tiny_llama) -> None:
+    """A decoding step's attention rows are stored, then folded by the eviction step's read, which
+    runs outside the forward's inference mode: ``generate`` must get through it (it raised
+    "Inplace update to inference tensor outside InferenceMode"), and the rows must count."""
+    model, tok = tiny_llama
+    # the first eviction step is at token 128, 28 steps into decoding: every buffer is still the
+    # one the forward made (a layer the NAMM keeps whole at a step is not rebuilt either)
+    engine = Engine(model, tok, config=EngineConfig(chunk_size=32, delay=128, evict_at_prefill_end=False))
+    ids = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(5))
+    policy = NAMMPolicy(extras_namm(ALL_EXTRAS, seed=1), budget=40)
+    out = engine.generate(ids, max_new_tokens=40, policy=policy)
+    assert len(out.token_ids) == 40 and out.report.evictions == 1
+    pending = policy.moments._n_pending
+    assert all(0 <= n < 16 for n in pending.values()) and any(n > 0 for n in pending.values())
+    for layer in policy.positions:  # a read outside inference mode folds the rows left since
+        assert policy.moments.mean(layer).shape == policy.positions[layer].shape
+    assert all(n == 0 for n in pending.values())
