@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from transformers import AttentionInterface
@@ -362,3 +364,22 @@ def test_answer_margins_match_plain_forward(tiny_llama):
     evicting, evicting_ll, evicting_report = engine.answer_margins(ctx, cont, policy=DropRandom())
     assert evicting_ll == pytest.approx(engine.loglikelihood(ctx, cont, policy=DropRandom()), abs=1e-6)
     assert evicting_report.kept_fraction < 1.0 and max(abs(a - b) for a, b in zip(evicting, margins)) > 1e-3
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bfloat16_on_a_cpu_that_emulates_it_warns(monkeypatch, caplog, native):
+    """bfloat16 on a CPU without AVX512-BF16 / AMX is slower than float32: loading a model so says
+    what to do; float32, a CUDA device or a CPU with the instructions get no warning."""
+    import namm.models as models
+
+    assert isinstance(models.cpu_has_native_bf16(), bool)  # this machine's answer, before the patch
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native)
+    with caplog.at_level(logging.WARNING, logger="namm.models"):
+        model, _ = load_model("tiny-llama", dtype="bf16", device="cpu")
+    assert model.dtype == torch.bfloat16
+    warned = [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()]
+    assert bool(warned) is not native
+    if warned:
+        assert "float32" in warned[0]
+    assert not models.warn_if_emulated_bf16(torch.float32, torch.device("cpu"))
+    assert not models.warn_if_emulated_bf16(torch.bfloat16, torch.device("cuda"))
