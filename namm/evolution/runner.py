@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -336,10 +335,8 @@ class EvolutionRun:
 
     def _run_split(self, params: np.ndarray | None, prompts: list[Prompt]) -> list[PromptResult]:
         """Run one parameter vector on many prompts, split over the backend's workers."""
-        n = max(1, min(int(getattr(self.backend, "workers", 1)), len(prompts)))
-        size = math.ceil(len(prompts) / n)
-        jobs = [Job(-1, params, prompts[i:i + size], affinity=k) for k, i in enumerate(range(0, len(prompts), size))]
-        return [r for job_results in self.backend.run(jobs) for r in job_results]
+        jobs = split_jobs([params], prompts, int(getattr(self.backend, "workers", 1)))
+        return merge_results(jobs, self.backend.run(jobs), 1)[0]
 
     # -- checkpoint and outputs -------------------------------------------------------------------
 

@@ -174,16 +174,17 @@ class NAMMPolicy(MemoryPolicy):
         does not read them."""
         if self.key_norm_buffers is None:
             return None
-        return {layer: buffer[:, : self.positions[layer].shape[1]] for layer, buffer in self.key_norm_buffers.items()}
+        return {layer: self._key_norms(layer) for layer in self.key_norm_buffers}
+
+    def _key_norms(self, layer: int) -> torch.Tensor:
+        return self.key_norm_buffers[layer][:, : self.positions[layer].shape[1]]
 
     def extras(self, layer: int) -> torch.Tensor | None:
         """The configured extra inputs of ``layer``'s tokens, (kv_heads, cache_len, n_extras), or None."""
         names = self.namm.config.features.extras
         if not names:
             return None
-        key_norms = None
-        if self.key_norm_buffers is not None:
-            key_norms = self.key_norm_buffers[layer][:, : self.positions[layer].shape[1]]
+        key_norms = None if self.key_norm_buffers is None else self._key_norms(layer)
         if key_norms is not None and self.per_head:  # padding takes the mean of the head's tokens,
             held = self.positions[layer] >= 0  # so norms stay relative to the tokens it holds
             mean = (key_norms * held).sum(-1, keepdim=True) / held.sum(-1, keepdim=True)
