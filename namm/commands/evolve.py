@@ -39,6 +39,9 @@ def add_parser(subparsers) -> None:
                         "processes on this machine (several can share one GPU; no Ray needed)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="Ray actors or worker processes (overrides the file's [ray] actors / [processes] workers)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="the model's dtype (overrides the file; recorded in the run, so --resume needs the same): "
+                        "float32 on a CPU without AVX512-BF16 or AMX, where bfloat16 is emulated and slower")
     p.add_argument("--evaluate", default=None, metavar="NAMM",
                    help="evolve nothing: evaluate this NAMM folder (e.g. the run's init, or another run's best/) on "
                         "the run's eval prompts, as the run evaluates its CMA mean, and print its fitness")
@@ -52,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     quiet = bool(getattr(args, "quiet", False))
     if args.evaluate is not None:
         result = run_from_file(args.config, output_dir=args.out, on_event=_log_event, threads=args.threads,
-                               backend=args.backend, workers=args.workers, evaluate=args.evaluate)
+                               backend=args.backend, workers=args.workers, evaluate=args.evaluate,
+                               dtype=args.dtype)
         tasks = " ".join(f"{task} {value:.4f}" for task, value in result["per_task"].items())
         print(f"{args.evaluate} on the run's eval prompts (stage {result['stage']}, {result['prompts']} prompts): "
               f"fitness {result['fitness']:.4f}, score {result['raw']:.4f}, kept {result['kept']:.1%}; {tasks}")
@@ -61,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         state = run_from_file(args.config, output_dir=args.out, resume=args.resume,
                               on_event=display.event if display else _log_event, threads=args.threads,
-                              backend=args.backend, workers=args.workers)
+                              backend=args.backend, workers=args.workers, dtype=args.dtype)
     finally:
         if display:
             display.stop()

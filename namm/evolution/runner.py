@@ -355,12 +355,17 @@ class EvolutionRun:
 
 def run_from_file(path: str | Path, output_dir: str | Path | None = None, resume: bool = False,
                   on_event: OnEvent | None = None, threads: int | None = None, backend: str | None = None,
-                  workers: int | None = None, evaluate: str | Path | None = None) -> dict[str, Any]:
+                  workers: int | None = None, evaluate: str | Path | None = None,
+                  dtype: str | None = None) -> dict[str, Any]:
     """Load a run's TOML file and run it (what ``namm evolve CONFIG`` does). ``threads`` (torch
     threads per worker), ``backend`` and ``workers`` (Ray actors or worker processes) override the
     file: execution settings, so a run may resume with others (say, on a GPU machine). With
-    ``evaluate`` (a NAMM folder) nothing is evolved: :meth:`EvolutionRun.evaluate`'s result is returned."""
+    ``evaluate`` (a NAMM folder) nothing is evolved: :meth:`EvolutionRun.evaluate`'s result is returned.
+    ``dtype`` overrides the model's dtype; it changes results, so it is part of the run's saved config
+    and a resume must give the same."""
     config = load_config(path, output_dir)
+    if dtype is not None:
+        config.dtype = dtype
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads must be a positive integer, got {threads}.")

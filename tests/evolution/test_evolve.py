@@ -82,6 +82,21 @@ def test_evolve_writes_log_plot_and_loadable_checkpoints(tmp_path, tiny_dict, wr
     assert main(["evolve", str(cfg), "--out", str(run), "--resume", "--threads", "1", "--quiet"]) == 0
     assert json.loads((run / "config.json").read_text())["threads"] == 1
     assert trajectory(run) == before
+    # the dtype changes what it computes: --dtype is recorded, and a resume must give the same
+    assert main(["evolve", str(cfg), "--out", str(run), "--resume", "--dtype", "bfloat16", "--quiet"]) == 1
+    assert "['dtype']" in capsys.readouterr().err
+
+
+def test_evolve_dtype_override_is_recorded_and_needed_to_resume(tmp_path, tiny_dict, write_toml, capsys):
+    data = tiny_dict(tmp_path / "unused", stages=[{"tasks": ["passkey"], "generations": 1}])
+    assert data.get("dtype") in (None, "float32")
+    cfg = write_toml(tmp_path / "run.toml", data)
+    run = tmp_path / "run"
+    assert main(["evolve", str(cfg), "--out", str(run), "--dtype", "bfloat16", "--quiet"]) == 0
+    assert json.loads((run / "config.json").read_text())["dtype"] == "bfloat16"
+    assert main(["evolve", str(cfg), "--out", str(run), "--resume", "--quiet"]) == 1
+    assert "['dtype']" in capsys.readouterr().err
+    assert main(["evolve", str(cfg), "--out", str(run), "--resume", "--dtype", "bfloat16", "--quiet"]) == 0
 
 
 def test_metric_fitness_generates_and_scores(tmp_path, tiny_config):
