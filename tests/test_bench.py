@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from namm.bench.measure import Measurement
-from namm.bench.targets import FULL, NAMM_ALL, evaluate_targets, kept_label, kv_bound_bytes
+from namm.bench.targets import FULL, NAMM_ALL, READ_ALL, evaluate_targets, kept_label, kv_bound_bytes
 from namm.cli import main
 from namm.engine import Engine, EngineConfig
 from namm.memory.features import FeatureConfig
@@ -22,7 +22,7 @@ from namm.profiling import SECTIONS, SectionTimer
 def test_bench_runs_end_to_end_and_reports_skipped_lengths(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setattr("namm.memory.model.PRETRAINED_DIR", tmp_path / "none")  # nothing shipped: the zero NAMM
     out = tmp_path / "bench"
-    code = main(["bench", "--model", "tiny-llama", "--lengths", "384,640,8192", "--methods", "full,h2o,namm",
+    code = main(["bench", "--model", "tiny-llama", "--lengths", "384,640,8192", "--methods", "full,h2o,read,namm",
                  "--decode-lengths", "640", "--decode-tokens", "4", "--chunk-size", "64", "--delay", "128",
                  "--threads", "1", "--quiet", "--out", str(out)])
     assert code == 0
@@ -33,7 +33,7 @@ def test_bench_runs_end_to_end_and_reports_skipped_lengths(tmp_path, monkeypatch
     data = json.loads((out / "bench.json").read_text())
     assert [d["length"] for d in data["lengths"]] == [384, 640, 8192]
     assert data["lengths"][2]["skipped"] and data["lengths"][0]["tokens"] <= 384
-    methods = ["plain HF", FULL, kept_label("h2o", 0.25), NAMM_ALL, kept_label("namm", 0.25)]
+    methods = ["plain HF", FULL, kept_label("h2o", 0.25), READ_ALL, NAMM_ALL, kept_label("namm", 0.25)]
     for length in (384, 640):
         rows = {r["method"]: r for r in data["rows"] if r["length"] == length}
         assert list(rows) == methods
@@ -42,13 +42,19 @@ def test_bench_runs_end_to_end_and_reports_skipped_lengths(tmp_path, monkeypatch
             assert row["peak_rss_bytes"] > 0 and math.isclose(
                 row["prefill_x_full"], row["prefill_s"] / rows[FULL]["prefill_s"])
             assert (row["decode_tokens_per_s"] is not None) == (length == 640)
-        assert rows[NAMM_ALL]["kept_fraction"] == 1.0 and rows[kept_label("namm", 0.25)]["kept_fraction"] < 0.3
+        assert rows[READ_ALL]["kept_fraction"] == 1.0 == rows[NAMM_ALL]["kept_fraction"] and rows[kept_label("namm", 0.25)]["kept_fraction"] < 0.3
         for name in (NAMM_ALL, kept_label("namm", 0.25)):  # the time split never exceeds the total
             sections = rows[name]["sections"]
             assert set(sections) <= set(SECTIONS) and {"attention read", "features", "scorer"} <= set(sections)
             assert 0 < sum(sections.values()) <= rows[name]["prefill_s"]
     assert all(r["skipped"] for r in data["rows"] if r["length"] == 8192)
-    assert {t["status"] for t in data["targets"]} <= {"pass", "miss", "n/a"} and len(data["targets"]) == 6
+    targets = [t for t in data["targets"] if t["status"] != "info"]
+    assert {t["status"] for t in targets} <= {"pass", "miss", "n/a"} and len(targets) == 6
+    info = {t["name"]: t["measured"] for t in data["targets"] if t["status"] == "info"}
+    read = {r["length"]: r["prefill_s"] / next(f for f in data["rows"] if f["method"] == FULL and f["length"] == r["length"])
+            ["prefill_s"] for r in data["rows"] if r["method"] == READ_ALL and not r["skipped"]}
+    assert info["the attention read alone (h2o keep-all)"] == f"{read[640]:.2f}x the full cache"
+    assert info["its growth"] == f"{read[640]:.2f}x vs {read[384]:.2f}x" and "NAMM keep-all over the read" in info
     check = data["dtype_check"]
     assert check["dtype"] == "float32" and check[NAMM_ALL]["max_abs_logit_diff"] < 1e-4
     assert check[FULL]["top1_vs_fp32"] == 1.0
@@ -67,6 +73,7 @@ def test_targets_on_hand_made_numbers() -> None:
         _row(FULL, 8192, 10.0, decode=5.0), _row(NAMM_ALL, 8192, 12.0),  # 1.2x at 8K > 1.1x at 1K: miss
         _row(kept, 8192, 9.0, decode=8.0, kv=2000),  # 0.9x at 8K <= 1.2x at 1K: pass; decode 1.6x: pass
         Measurement(kept, 16384, skipped="beyond the model's maximum length"),
+        _row(READ_ALL, 1024, 1.05), _row(READ_ALL, 4096, 4.2), _row(READ_ALL, 8192, 11.0),
     ]
     got = {t.name: t for t in evaluate_targets(rows, 0.25, kv_bounds={4096: 1000, 8192: 1999})}
     assert got["NAMM prefill, keeping everything"].status == "pass"
@@ -78,6 +85,11 @@ def test_targets_on_hand_made_numbers() -> None:
     decode = got["NAMM decoding, keeping 25%"]
     assert decode.status == "pass" and decode.measured == "1.60x" and "8192" in decode.rule  # the longest length
     assert got["NAMM peak KV during the prefill"].status == "miss"  # 2000 > 1999 bytes at 8192
+    # the read's floor is context at the target length (4K), not judged: h2o keep-all 4.2 / 4.0
+    assert (got["the attention read alone (h2o keep-all)"].status, got["the attention read alone (h2o keep-all)"]
+            .measured) == ("info", "1.05x the full cache")
+    assert got["its growth"].measured == "1.10x vs 1.05x" and "8192 vs 1024" in got["its growth"].rule
+    assert got["NAMM keep-all over the read"].measured == "1.05x"  # 4.4 / 4.2
     none = {t.name: t.status for t in evaluate_targets([_row(FULL, 1024, 1.0)], 0.25, {})}
     assert set(none.values()) == {"n/a"}
 

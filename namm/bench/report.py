@@ -11,7 +11,7 @@ from namm.profiling import SECTIONS
 
 __all__ = ["print_report", "plot", "to_json"]
 
-_STATUS = {"pass": "[green]pass[/green]", "miss": "[red]miss[/red]", "n/a": "[yellow]n/a[/yellow]"}
+_STATUS = {"pass": "[green]pass[/green]", "miss": "[red]miss[/red]", "n/a": "[yellow]n/a[/yellow]", "info": "[dim]info[/dim]"}
 
 
 def _mib(n: int | None) -> str:

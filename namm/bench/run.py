@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from namm.bench.measure import Measurement, engine_run, plain_run, prompt_ids
-from namm.bench.targets import FULL, NAMM_ALL, Target, evaluate_targets, kept_label, kv_bound_bytes
+from namm.bench.targets import FULL, NAMM_ALL, READ_ALL, Target, evaluate_targets, kept_label, kv_bound_bytes
 from namm.engine import Engine
 from namm.models import DEFAULT_MODEL, load_model
 from namm.policies import POLICIES, MemoryPolicy, make_policy
@@ -33,6 +33,7 @@ from namm.sequence import EngineConfig, cache_spec
 log = logging.getLogger(__name__)
 
 PLAIN = "plain HF"
+READ_METHOD = "read"  # the --methods name of the READ_ALL row
 DTYPE_CHECK_MAX_TOKENS = 1024  # the keep-all error is taken on a prompt of at most this many tokens
 
 __all__ = ["PLAIN", "BenchConfig", "BenchResult", "run_bench"]
@@ -43,7 +44,9 @@ class BenchConfig:
     """One bench run; every field is a ``namm bench`` flag.
 
     lengths:        prompt lengths in tokens (a length the model cannot reach is skipped).
-    methods:        "full", "namm" (two rows: keep-all and ``keep_ratio``) and baselines (at ``keep_ratio``).
+    methods:        "full", "namm" (two rows: keep-all and ``keep_ratio``), baselines (at ``keep_ratio``)
+                    and "read": H2O keeping everything, the attention read with next to no feature
+                    work, so the floor of any policy that reads the attention weights.
     decode_lengths: lengths at which greedy decoding speed is measured (``decode_tokens`` tokens).
     repeats:        runs per measurement; the fastest prefill counts (and the fastest decode).
     namm:           NAMM folder, shipped name or parameter file; None: the shipped NAMM for the
@@ -54,7 +57,7 @@ class BenchConfig:
     model: str = DEFAULT_MODEL
     lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
     methods: tuple[str, ...] = ("full", "streaming", "h2o", "snapkv", "tova", "expected-attention", "kvzip",
-                                "ada-snapkv", "namm")
+                                "ada-snapkv", "read", "namm")
     keep_ratio: float = 0.25
     decode_lengths: tuple[int, ...] = (4096, 8192)
     decode_tokens: int = 32
@@ -72,9 +75,9 @@ class BenchConfig:
         self.methods = tuple(m.lower().replace("_", "-") for m in self.methods)
         if not self.lengths or any(not isinstance(n, int) or n < 16 for n in self.lengths):
             raise ValueError(f"lengths must be token counts >= 16, got {list(self.lengths)}.")
-        unknown = [m for m in self.methods if m not in POLICIES]
+        unknown = [m for m in self.methods if m not in POLICIES and m != READ_METHOD]
         if unknown:
-            raise ValueError(f"Unknown methods {unknown}; known: {', '.join(sorted(POLICIES))}.")
+            raise ValueError(f"Unknown methods {unknown}; known: {', '.join(sorted([*POLICIES, READ_METHOD]))}.")
         if not 0 < self.keep_ratio < 1:
             raise ValueError(f"keep_ratio must be in (0, 1), got {self.keep_ratio!r}.")
         for name in ("decode_tokens", "repeats"):
@@ -113,6 +116,8 @@ def method_rows(methods: tuple[str, ...], keep_ratio: float, namm) -> list[tuple
     for name in methods:
         if name == "full":
             rows.append((FULL, FullCache))
+        elif name == READ_METHOD:
+            rows.append((READ_ALL, lambda: make_policy("h2o", keep_ratio=1.0)))
         elif name == "namm":
             rows.append((NAMM_ALL, lambda: NAMMPolicy(namm, keep_ratio=1.0)))
             rows.append((kept_label("namm", keep_ratio), lambda: NAMMPolicy(namm, keep_ratio=keep_ratio)))

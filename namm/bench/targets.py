@@ -25,8 +25,9 @@ DECODE_SPEEDUP_MIN = 1.5
 TARGET_LENGTH = 4096
 FULL = "full"
 NAMM_ALL = "namm keep-all"
+READ_ALL = "h2o keep-all"  # the attention read with next to no feature work: the floor of an attention-reading policy
 
-__all__ = ["DECODE_SPEEDUP_MIN", "FULL", "NAMM_ALL", "PREFILL_RATIO_MAX", "TARGET_LENGTH", "Target",
+__all__ = ["DECODE_SPEEDUP_MIN", "FULL", "NAMM_ALL", "PREFILL_RATIO_MAX", "READ_ALL", "TARGET_LENGTH", "Target",
            "evaluate_targets", "kept_label", "kv_bound_bytes"]
 
 
@@ -40,7 +41,7 @@ class Target:
     name: str
     rule: str
     measured: str
-    status: str  # "pass", "miss" or "n/a"
+    status: str  # "pass", "miss", "n/a", or "info" (context, not a target)
 
 
 def kv_bound_bytes(n_tokens: int, keep_ratio: float, chunk_size: int, delay: int, managed_layer_bytes: Iterable[int],
@@ -92,8 +93,29 @@ def evaluate_targets(rows: Iterable[Measurement], keep_ratio: float, kv_bounds: 
         rule = f"NAMM / full prefill at {hi} tokens <= at {lo} tokens"
         out.append(_judge(f"NAMM cost growth, {what}", rule, r_hi, r_hi is not None and r_lo is not None
                           and r_hi <= r_lo, f"{r_hi:.2f}x at {hi} vs {r_lo:.2f}x at {lo}"))
+    out += _read_floor(table)
     out.append(_decode_target(table, kept, keep_ratio))
     out.append(_kv_target(table, kept, kv_bounds))
+    return out
+
+
+def _read_floor(table) -> list[Target]:
+    """Context for the keep-all targets (status "info"): what reading the attention weights costs
+    with next to no feature work (H2O keeping everything), and the NAMM keep-all over that floor."""
+    lengths = sorted(n for m, n in table if m == READ_ALL and (FULL, n) in table)
+    at = _pick(lengths, TARGET_LENGTH)
+    if at is None:
+        return []
+    out = [Target("the attention read alone (h2o keep-all)", f"the floor of any policy that reads the attention "
+                  f"weights, at {at} tokens", f"{_ratio(table, READ_ALL, at):.2f}x the full cache", "info")]
+    if len(lengths) >= 2:  # as the NAMM's growth target: the longest length against the shortest
+        lo, hi = lengths[0], lengths[-1]
+        out.append(Target("its growth", f"h2o keep-all / full prefill at {hi} vs {lo} tokens",
+                          f"{_ratio(table, READ_ALL, hi):.2f}x vs {_ratio(table, READ_ALL, lo):.2f}x", "info"))
+    namm = _ratio(table, NAMM_ALL, at, over=READ_ALL)
+    if namm is not None:
+        out.append(Target("NAMM keep-all over the read", f"namm keep-all / h2o keep-all prefill at {at} tokens",
+                          f"{namm:.2f}x", "info"))
     return out
 
 

@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--lengths", type=_csv(int), default=[1024, 2048, 4096, 8192], help="prompt lengths in tokens")
     p.add_argument("--methods", type=_csv(str), default=list(BenchConfig.methods),
-                   help=f"comma-separated: {', '.join(POLICIES)} (namm runs keeping everything and at --keep-ratio)")
+                   help=f"comma-separated: {', '.join(POLICIES)}, read (namm runs keeping everything and at --keep-ratio; "
+                        "read: h2o keeping everything, the cost of reading the attention weights)")
     p.add_argument("--keep-ratio", type=float, default=0.25, help="fraction kept by the baselines and the NAMM row")
     p.add_argument("--decode-lengths", type=_csv(int), default=[4096, 8192],
                    help="lengths at which decoding speed is measured")
