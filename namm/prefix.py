@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Hashable
 
 import torch
@@ -36,6 +36,9 @@ class PrefixSnapshot:
     meter: Any  # namm.report.CacheMeter
     logits: torch.Tensor  # (vocab,) logits of the prefix's last token
     policy_state: dict[str, Any]
+    #: what the forks may share beyond the state: filled by the first fork that computes it (a
+    #: NAMM's eviction inputs at the first step, the same for every member), see MemoryPolicy.on_fork
+    shared: dict[Hashable, Any] = field(default_factory=dict)
 
 
 class PrefixStore:
@@ -89,9 +92,10 @@ def prefix_key(seq, ids: torch.Tensor) -> Hashable | None:
 
 
 def take_snapshot(seq, logits: torch.Tensor) -> PrefixSnapshot:
-    """Copy ``seq``'s state (cache, positions, meter, the policy's fork fields)."""
+    """Copy ``seq``'s state (cache, positions, meter, the policy's fork fields); ``seq`` goes on as
+    the snapshot's first fork."""
     policy_state = {name: copy.deepcopy(getattr(seq.policy, name)) for name in seq.policy.fork_fields}
-    return PrefixSnapshot(
+    snap = PrefixSnapshot(
         cache=copy.deepcopy(seq.cache),
         positions={k: v.clone() for k, v in seq.positions.items()},
         seen=seq.seen,
@@ -99,6 +103,8 @@ def take_snapshot(seq, logits: torch.Tensor) -> PrefixSnapshot:
         logits=logits.detach().clone(),
         policy_state=policy_state,
     )
+    seq.policy.on_fork(snap.shared)  # its state is the snapshot's: what it computes from it, it shares
+    return snap
 
 
 def restore_snapshot(seq, snap: PrefixSnapshot) -> torch.Tensor:
@@ -109,4 +115,5 @@ def restore_snapshot(seq, snap: PrefixSnapshot) -> torch.Tensor:
     seq.meter = copy.deepcopy(snap.meter)
     for name, value in snap.policy_state.items():
         setattr(seq.policy, name, copy.deepcopy(value))
+    seq.policy.on_fork(snap.shared)
     return snap.logits.clone()

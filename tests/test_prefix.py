@@ -98,3 +98,42 @@ def test_prefix_keys_separate_prompts_and_schedules(tiny_llama) -> None:
     assert store.hits == 1
     with pytest.raises(ValueError, match="max_entries"):
         PrefixStore(max_entries=0)
+
+
+def test_forks_compute_the_first_eviction_inputs_once(tiny_llama, monkeypatch) -> None:
+    """The first step's inputs (spectrogram EMA, extras) come from the snapshot's state alone: the
+    first member computes them, the others reuse them, with their own normalisation statistics."""
+    from namm.memory.features import FeatureConfig, RunningStats, StreamingSpectrogram
+    from namm.memory.model import NAMMConfig
+
+    model, tok = tiny_llama
+    schedule = EngineConfig(chunk_size=16, delay=64, evict_during_prefill=False)  # one step, at the prompt's end
+    config = NAMMConfig(features=FeatureConfig(extras=("attn_peak", "key_norm")), threshold=0.0)
+    calls = []
+    real = StreamingSpectrogram.scoring_ema
+    monkeypatch.setattr(StreamingSpectrogram, "scoring_ema", lambda self, layer: calls.append(layer) or real(self, layer))
+
+    def members():
+        for seed in range(3):  # other parameters, and other statistics for the third
+            g = torch.Generator().manual_seed(seed)
+            namm = NAMM(config, torch.randn(NAMM(config).num_params, generator=g) * 0.3)
+            if seed == 2:
+                dim = config.features.norm_dim
+                namm = namm.with_norm(RunningStats(dim, 10.0, torch.randn(dim, generator=g), torch.rand(dim, generator=g) * 10))
+            yield NAMMPolicy(namm)
+
+    prompt = ids(150)
+    plain = Engine(model, tok, config=schedule)
+    expected = [plain.generate(prompt, max_new_tokens=12, policy=p) for p in members()]
+    plain_calls = len(calls)
+    calls.clear()
+    store = PrefixStore()
+    shared = Engine(model, tok, config=schedule, prefix_store=store)
+    got = [shared.generate(prompt, max_new_tokens=12, policy=p) for p in members()]
+    assert [g.token_ids for g in got] == [e.token_ids for e in expected]
+    assert [g.report.to_dict() for g in got] == [e.report.to_dict() for e in expected]
+    assert len({e.report.kept_fraction for e in expected}) > 1  # the members keep different tokens
+    layers = model.config.num_hidden_layers
+    # plain: every member computes every layer's inputs at its step; shared: only the first member
+    assert plain_calls == 3 * layers and len(calls) == layers and store.hits == 2
+    assert len(store._entries[next(iter(store._entries))].shared) == layers

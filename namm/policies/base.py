@@ -159,6 +159,12 @@ class MemoryPolicy:
         to its first eviction step under one of them can then be continued under the other."""
         return None
 
+    def on_fork(self, shared: dict) -> None:
+        """Called once the ``fork_fields`` are restored from a snapshot. ``shared`` is one dict per
+        snapshot, handed to every fork: a policy may keep there what it computes from the restored
+        state alone (not from its own parameters), for the other forks to reuse. It must not
+        store views of its own state, which later steps change in place."""
+
 
 @dataclass
 class BudgetMixin:

@@ -145,10 +145,23 @@ class NAMMPolicy(MemoryPolicy):
         # layer -> (kv_heads, capacity) float32 key norms, the first cache_len slots in use
         self.key_norm_buffers: dict[int, torch.Tensor] | None = {} if "key_norm" in features.extras else None
         self._plans: dict[int, tuple] = {}  # this eviction step: layer -> (scores, candidates, n_keep)
+        # a fork of a shared prefix (namm.prefix): the snapshot's shared dict, and the layers whose
+        # state is still the snapshot's (not observed or pruned since)
+        self._shared: dict | None = None
+        self._pristine: set[int] = set()
+
+    def on_fork(self, shared: dict) -> None:
+        """Every member forked from one prefix scores the same eviction inputs at its first step
+        (the features do not depend on the parameters): the first one computes them, the others
+        reuse them. The frozen normalisation is applied after, so NAMMs with other statistics
+        but the same feature config share them correctly."""
+        self._shared = shared
+        self._pristine = set(self.positions)
 
     def observe(self, layer: int, attn: torch.Tensor | None, keys: torch.Tensor, positions: torch.Tensor) -> None:
         if attn is None:
             raise RuntimeError("NAMMPolicy needs attention weights; run it under an engine with needs_attention.")
+        self._pristine.discard(layer)
         with self.timer("features"):
             self.spectrogram.observe(layer, attn)
             if self.moments is not None:
@@ -228,6 +241,7 @@ class NAMMPolicy(MemoryPolicy):
     def prune(self, layer: int, keep: torch.Tensor) -> None:
         """Keep the per-token state of the tokens ``keep`` (kv_heads, n_keep) of ``layer`` (ragged:
         padding, -1, copies a kept token's state and gets position -1)."""
+        self._pristine.discard(layer)
         positions = self.positions[layer]
         self.positions[layer] = gather_kept(positions, keep.to(positions.device), -1)
         keep = keep.clamp_min(0)
@@ -238,6 +252,18 @@ class NAMMPolicy(MemoryPolicy):
             buffer = self.key_norm_buffers[layer]
             self.key_norm_buffers[layer] = fresh(buffer.gather(1, keep.to(buffer.device)), 1)
 
+    def _eviction_inputs(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The scorer's un-normalised inputs of ``layer``: (spectrogram EMA, positions, extras);
+        from the snapshot's shared dict when this fork's state is still the snapshot's."""
+        pristine = self._shared is not None and layer in self._pristine
+        key = ("namm eviction inputs", layer)
+        if pristine and key in self._shared:
+            return self._shared[key]
+        inputs = (self.spectrogram.scoring_ema(layer), self.positions[layer], self.extras(layer))
+        if pristine:  # copies: the EMA may be a view of this fork's state, which its later steps change in place
+            self._shared[key] = tuple(None if t is None else t.clone() for t in inputs)
+        return inputs
+
     def _plan(self, layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor | None, int]]:
         """Per layer: the scores (kv_heads, cache_len), the threshold candidates to rank (None in
         budget mode) and how many tokens to keep; per head: the keep mask and None.
@@ -245,8 +271,7 @@ class NAMMPolicy(MemoryPolicy):
         One host sync for all layers: the token count (budget) or the keep counts (threshold).
         """
         with self.timer("features"):  # (kv_heads, cache_len, feature_dim) per layer
-            features = [self.namm.features(self.spectrogram.scoring_ema(layer), self.positions[layer],
-                                           self.extras(layer), self.depth(layer)) for layer in layers]
+            features = [self.namm.features(*self._eviction_inputs(layer), self.depth(layer)) for layer in layers]
         with self.timer("scorer"):
             scores = self.namm.score_features(features)  # one batched call (or a few) for all layers
         if self.keep == "budget":
