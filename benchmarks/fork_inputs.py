@@ -6,7 +6,8 @@ A member evaluation as ``namm evolve`` runs it (``Worker.run``), on the run's pr
 prompt prefixes already stored (each round fills them untimed first), so what is timed is the
 members' own work: the eviction step(s), the answer, the gathers. Usage:
 
-    python benchmarks/fork_inputs.py --config examples/smollm2-prompt-end.toml --dtype float32 --rounds 4
+    python benchmarks/fork_inputs.py --config examples/smollm2-prompt-end.toml --dtype float32 --rounds 4 \
+        --tasks passkey,niah_single,niah_multikey --prompts 3
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def main() -> None:
     ap.add_argument("--namm", default="smollm2", help="members are this NAMM plus noise (its statistics are used)")
     ap.add_argument("--members", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--tasks", default=None, help="comma-separated (default: the run's tasks)")
+    ap.add_argument("--prompts", type=int, default=None, help="the first N prompts of generation 0's batch")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     cfg = load_config(args.config, "/tmp/unused")
@@ -38,8 +41,8 @@ def main() -> None:
     worker.set_calibration(init.norm)
     base = init.get_flat().numpy()
     rng = np.random.default_rng(0)
-    tasks = [t.name for t in cfg.tasks]
-    prompts = worker.build_pools(cfg).generation_batch(0, tasks)
+    tasks = args.tasks.split(",") if args.tasks else [t.name for t in cfg.tasks]
+    prompts = worker.build_pools(cfg).generation_batch(0, tasks)[: args.prompts]
     real = NAMMPolicy.on_fork
     times: dict[str, list[float]] = {"shared": [], "own": []}
     try:
