@@ -79,7 +79,6 @@ def main() -> None:
         acc = {}
 
         def observe(attn, keys) -> None:
-            n = attn.shape[-1]
             old = acc.get("sum")
             new = attn.sum(dim=1)
             if old is not None:
@@ -94,7 +93,7 @@ def main() -> None:
 
         def observe(attn, keys) -> None:
             policy.observe(0, attn, keys, positions[:, : keys.shape[1]])
-        return policy, observe
+        return observe
 
     def make(variant: str):
         if variant == "sdpa":
@@ -110,8 +109,7 @@ def main() -> None:
             return run
         if variant == "read+namm":
             def run() -> None:
-                _, observe = namm_state()
-                reader(observe)()
+                reader(namm_state())()
             return run
         raise SystemExit(f"unknown variant {variant!r}; known: sdpa, read, read+h2o, read+namm")
 
