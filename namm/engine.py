@@ -198,8 +198,11 @@ class Engine:
         t2 = time.perf_counter()
         text = self._decode(tokens, stop)
         n_new = len(tokens)
-        timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "total_s": t2 - t0,
-                   "tokens_per_s": (ids.numel() + n_new) / max(t2 - t0, 1e-9)}
+        # a prefix restored from the prefix store was read by another call: its seconds are added back,
+        # so tokens/s is this sequence's own, shared or not (the wall times stay as measured)
+        reused = seq.prefix_reused_s
+        timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "total_s": t2 - t0, "prefix_reused_s": reused,
+                   "tokens_per_s": (ids.numel() + n_new) / max(t2 - t0 + reused, 1e-9)}
         return GenerationOutput(text, tokens, ids.numel(), seq.report(), timings, finish)
 
     def _choose(self, logits, do_sample, warpers, generator, prompt_ids, tokens) -> int:

@@ -36,6 +36,8 @@ class PrefixSnapshot:
     meter: Any  # namm.report.CacheMeter
     logits: torch.Tensor  # (vocab,) logits of the prefix's last token
     policy_state: dict[str, Any]
+    #: wall seconds reading the prefix took (what each fork skips; reported as ``prefix_reused_s``)
+    compute_s: float = 0.0
     #: what the forks may share beyond the state: filled by the first fork that computes it (a
     #: NAMM's eviction inputs at the first step, the same for every member), see MemoryPolicy.on_fork
     shared: dict[Hashable, Any] = field(default_factory=dict)
@@ -91,7 +93,7 @@ def prefix_key(seq, ids: torch.Tensor) -> Hashable | None:
             cfg.delay, bool(policy.needs_attention), fork_key)
 
 
-def take_snapshot(seq, logits: torch.Tensor) -> PrefixSnapshot:
+def take_snapshot(seq, logits: torch.Tensor, compute_s: float = 0.0) -> PrefixSnapshot:
     """Copy ``seq``'s state (cache, positions, meter, the policy's fork fields); ``seq`` goes on as
     the snapshot's first fork."""
     policy_state = {name: copy.deepcopy(getattr(seq.policy, name)) for name in seq.policy.fork_fields}
@@ -102,6 +104,7 @@ def take_snapshot(seq, logits: torch.Tensor) -> PrefixSnapshot:
         meter=copy.deepcopy(seq.meter),
         logits=logits.detach().clone(),
         policy_state=policy_state,
+        compute_s=float(compute_s),
     )
     seq.policy.on_fork(snap.shared)  # its state is the snapshot's: what it computes from it, it shares
     return snap

@@ -16,6 +16,7 @@ are stored. The next step that prunes the layer drops them.
 from __future__ import annotations
 
 import inspect
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -153,6 +154,9 @@ class MemorySequence:
             padding=self.padding,
         )
         self.side_tokens = 0
+        #: seconds another sequence spent reading the prefix this one restored from a PrefixStore
+        #: (the compute this sequence skipped; 0.0 when it read its whole prompt itself)
+        self.prefix_reused_s = 0.0
         # ids and positions of the tokens some managed layer still holds, for side passes only
         self._side = bool(getattr(policy, "needs_side_pass", False))
         self._ids = torch.empty(0, dtype=torch.long, device=self.device)
@@ -175,12 +179,14 @@ class MemorySequence:
         inputs = ids.reshape(-1).to(self.device) if embeds is None else self._check_embeds(embeds, ids, prefix_store)
         n = inputs.shape[0]
         outputs, done, pending = [], 0, None
+        t0 = time.perf_counter()
         if prefix_store is not None and self.seen == 0 and not all_logits:
             n_prefix = self.first_eviction_point(n, end_of_prompt)
             key = prefix_key(self, inputs[:n_prefix])
             snap = None if key is None else prefix_store.get(key)
             if snap is not None:
                 outputs.append(restore_snapshot(self, snap)[None])
+                self.prefix_reused_s += snap.compute_s
                 done = n_prefix
                 self._evict_on_grid(end_of_prompt, end_of_prompt and done == n)
             elif key is not None:
@@ -189,7 +195,7 @@ class MemorySequence:
             logits = self._forward(inputs[done + start : done + stop], all_logits)
             outputs.append(logits)
             if pending is not None and self.seen == pending[1]:
-                prefix_store.put(pending[0], take_snapshot(self, logits[-1]))
+                prefix_store.put(pending[0], take_snapshot(self, logits[-1], time.perf_counter() - t0))
             self._evict_on_grid(end_of_prompt, end_of_prompt and done + stop == n)
         if end_of_prompt and self.config.evict_at_prefill_end:
             if self.seen % self.config.delay != 0 or not self.config.evict_during_prefill:

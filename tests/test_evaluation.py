@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -137,7 +138,6 @@ def test_cli_flags_map_onto_the_config():
 def test_report_only_runs_nothing_and_gives_no_mean_to_a_row_missing_a_cell(tiny_llama, tmp_path, monkeypatch):
     """``--report-only`` writes the tables from the finished rows (an interrupted run's) without
     running anything; a row missing a task's cell shows that cell as "-" and no mean."""
-    from dataclasses import replace
 
     model, tok = tiny_llama
     config = replace(_config(tmp_path), tasks=["passkey", "kv_retrieval"])
@@ -162,3 +162,30 @@ def test_report_only_runs_nothing_and_gives_no_mean_to_a_row_missing_a_cell(tiny
     assert table["full"][4].startswith(f"{100 * sum(full) / len(full):.1f}")
     summary = {s["method"]: s for s in json.loads((tmp_path / "results.json").read_text())["summary"]}
     assert summary["streaming"]["groups"] == 1 and summary["full"]["groups"] == 2
+
+
+def test_shared_prefixes_give_the_same_rows_and_group_the_settings(tiny_llama, tmp_path):
+    """Settings that share a prompt's prefix run one after another and score exactly as if unshared."""
+    from namm.evaluation.runner import by_fork_key
+
+    model, tok = tiny_llama
+    base = EvalConfig(model="tiny-llama", tasks=["passkey"], lengths=[300], limit=2, chunk_size=64, delay=512,
+                      methods=["h2o", "full", "snapkv", "expected-attention", "pyramidkv"], keep_ratios=[0.3, 0.6],
+                      evict_at_prefill_end=True, evict_during_prefill=False)
+    plan = by_fork_key(variants(base))
+    assert [(v.method, v.setting) for v in plan] == [
+        ("h2o", "keep=0.3"), ("h2o", "keep=0.6"), ("full", "full"),
+        ("snapkv", "keep=0.3"), ("snapkv", "keep=0.6"), ("pyramidkv", "keep=0.3"), ("pyramidkv", "keep=0.6"),
+        ("expected-attention", "keep=0.3"), ("expected-attention", "keep=0.6")]
+    shared = run_evaluation(replace(base, out=str(tmp_path / "shared")), model, tok, progress=False)
+    reused = [r["prefix_reused_s"] for r in shared]
+    alone = run_evaluation(replace(base, out=str(tmp_path / "alone"), share_prefix=False), model, tok, progress=False)
+    timing = ("tokens_per_s", "total_s", "prefix_reused_s")
+
+    def strip(rows):
+        return sorted(json.dumps({k: v for k, v in r.items() if k not in timing}, sort_keys=True) for r in rows)
+
+    assert len(shared) == 2 * 9 and strip(shared) == strip(alone)
+    # per sample: h2o, snapkv(+pyramidkv) read once and fork (1 + 3 of 4 settings), full and
+    # expected-attention read their own
+    assert sum(x > 0 for x in reused) == 2 * (1 + 3) and all(r["prefix_reused_s"] == 0.0 for r in alone)

@@ -78,9 +78,58 @@ def test_full_cache_shares_and_other_policies_do_not(tiny_llama) -> None:
     first = engine.generate(prompt, max_new_tokens=8)
     again = engine.generate(prompt, max_new_tokens=8)
     assert again.token_ids == first.token_ids and store.hits == 1
-    h2o = make_policy("h2o", keep_ratio=0.5)  # its accumulated attention has no fork key
-    engine.generate(prompt, max_new_tokens=8, policy=h2o)
+    # Expected Attention's statistics come from the queries: it has no fork key and reads its own prompt
+    engine.generate(prompt, max_new_tokens=8, policy=make_policy("expected-attention", keep_ratio=0.5))
     assert len(store) == 1 and store.hits == 1
+
+
+BASELINES = ["h2o", "tova", "snapkv", "pyramidkv", "ada-snapkv", "ada-h2o", "l2", "streaming", "recency", "random"]
+
+
+@pytest.mark.parametrize("method", BASELINES)
+@pytest.mark.parametrize("end_eviction", [True, False])
+def test_baseline_settings_fork_one_prefix_exactly(tiny_llama, method: str, end_eviction: bool) -> None:
+    """Every setting of a baseline continues one prefix read and runs exactly as if read alone."""
+    model, tok = tiny_llama
+    config = EngineConfig(chunk_size=16, delay=64, evict_at_prefill_end=end_eviction)
+    store = PrefixStore()
+    plain, shared = Engine(model, tok, config=config), Engine(model, tok, config=config, prefix_store=store)
+    prompt = ids(150)
+    kept = []
+    for ratio in (0.3, 0.6, 0.3):
+        expected = run(plain, make_policy(method, keep_ratio=ratio), prompt)
+        assert run(shared, make_policy(method, keep_ratio=ratio), prompt) == expected
+        kept.append(expected[1]["kept_fraction"])
+    assert store.hits == 3 * 2 - 1 and len(store) == 1  # one read; the rest fork (generate and loglikelihood)
+    assert kept[0] < kept[1] < 1.0  # the settings really keep different caches after the shared prefix
+
+
+def test_only_policies_with_the_same_state_share(tiny_llama) -> None:
+    model, tok = tiny_llama
+    store = PrefixStore()
+    engine = Engine(model, tok, config=CONFIG, prefix_store=store)
+    prompt = ids(150)
+    for method, kwargs in [("snapkv", {}), ("pyramidkv", {}), ("snapkv", {"window": 8}), ("h2o", {}),
+                           ("streaming", {}), ("recency", {}), ("l2", {}), ("full", {})]:
+        policy = make_policy(method, **kwargs) if method == "full" else make_policy(method, keep_ratio=0.4, **kwargs)
+        engine.generate(prompt, max_new_tokens=2, policy=policy)
+    # PyramidKV reuses SnapKV's votes (same window), Recency StreamingLLM's positions; the rest read their own
+    assert store.hits == 2 and len(store) == 6
+
+
+def test_a_fork_reports_the_prefix_it_reused(tiny_llama) -> None:
+    model, tok = tiny_llama
+    engine = Engine(model, tok, config=EngineConfig(chunk_size=16, delay=64, evict_during_prefill=False),
+                    prefix_store=PrefixStore())
+    prompt = ids(200)
+    first = engine.generate(prompt, max_new_tokens=4, policy=make_policy("h2o", keep_ratio=0.5)).timings
+    out = engine.generate(prompt, max_new_tokens=4, policy=make_policy("h2o", keep_ratio=0.25))
+    fork = out.timings
+    assert first["prefix_reused_s"] == 0.0 and fork["prefix_reused_s"] > 0.0
+    # the whole prompt was the prefix (no step before its end): the first call's prefill covers it
+    assert fork["prefix_reused_s"] <= first["prefill_s"]
+    tokens = 200 + len(out.token_ids)
+    assert fork["tokens_per_s"] == pytest.approx(tokens / (fork["total_s"] + fork["prefix_reused_s"]))
 
 
 def test_prefix_keys_separate_prompts_and_schedules(tiny_llama) -> None:

@@ -79,6 +79,10 @@ def add_parser(sub) -> None:
     p.add_argument("--data-dir", default=None, help="folder of <task>.jsonl files for benchmark tasks (offline)")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: write the tables and plot from the rows already in OUT/rows.jsonl")
+    p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
+                   help="read every prompt under every setting from scratch (default: settings whose state is the "
+                        "same until their first eviction step, e.g. H2O at 25%% and 50%%, read each prompt's prefix "
+                        "once and continue copies; the rows are the same)")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bar")
     add_model_args(p)
     add_engine_args(p)
@@ -94,6 +98,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         evict_at_prefill_end=args.evict_at_prefill_end, evict_during_prefill=args.evict_during_prefill,
         namm=args.namm, data_dir=args.data_dir, chat=args.chat, dtype=args.dtype, device=args.device,
         match_namm=args.match_namm, namm_per_head=args.namm_per_head, report_only=args.report_only,
+        share_prefix=args.share_prefix,
     )
 
 

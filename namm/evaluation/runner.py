@@ -50,6 +50,10 @@ class EvalConfig:
     fraction (see :func:`matched_keep_ratio`); the NAMM's threshold rows run first.
     ``namm_per_head``: also run the NAMM's threshold rule per KV head (each head keeps exactly its
     own tokens scoring >= the threshold; ``NAMMPolicy(per_head=True)``), setting "threshold per head".
+    ``share_prefix``: settings of one method that build the same state before their first eviction
+    step (the NAMM at any keep rule, H2O at any budget, SnapKV and PyramidKV with one window, ...;
+    ``MemoryPolicy.fork_key``) read each prompt's prefix once and continue it from a copy
+    (:mod:`namm.prefix`); the rows are identical, each row's tokens/s counts the prefix it reused.
     ``report_only``: run nothing; write the reports from the rows already in ``rows.jsonl`` (an
     interrupted run's tables and plot; a cell shows its own n, a row missing a cell shows no mean).
     """
@@ -77,6 +81,7 @@ class EvalConfig:
     match_namm: bool = False
     namm_per_head: bool = False
     report_only: bool = False
+    share_prefix: bool = True
 
     def __post_init__(self) -> None:
         if not self.tasks or not self.methods:
@@ -274,7 +279,8 @@ def _row(variant: Variant, task: str, length: int | None, sample: Sample, out) -
     return make_row(variant, task, length, sample.id, {
         "score": score_sample(sample, out.text), "metric": sample.metric, "prediction": out.text,
         "answers": sample.answers, "prompt_tokens": out.prompt_tokens, "new_tokens": len(out.token_ids),
-    }, out.report, {"tokens_per_s": out.timings.get("tokens_per_s"), "total_s": out.timings.get("total_s")})
+    }, out.report, {"tokens_per_s": out.timings.get("tokens_per_s"), "total_s": out.timings.get("total_s"),
+                    "prefix_reused_s": out.timings.get("prefix_reused_s", 0.0)})
 
 
 def make_row(variant: Variant, task: str, length: int | None, sample_id: str, result: dict[str, Any], report,
@@ -366,8 +372,12 @@ class TextTasks:
     def __init__(self, config: EvalConfig, model, tokenizer, engine_config) -> None:
         from namm.engine import Engine
 
+        from namm.prefix import PrefixStore
+
         self.config, self.tokenizer = config, tokenizer
-        self.engine = Engine(model, tokenizer, config=engine_config)
+        # one prefix at a time: _run_missing runs the variants that share it one after another
+        store = PrefixStore(max_entries=1) if config.share_prefix else None
+        self.engine = Engine(model, tokenizer, config=engine_config, prefix_store=store)
 
     @staticmethod
     def load(config: EvalConfig) -> tuple[EvalConfig, Any, Any]:
@@ -408,6 +418,7 @@ def _run_missing(suite, plan: list[Variant], work: list[tuple[str, int | None, A
     append each row to ``handle`` as it finishes and add it to ``done``."""
     from namm.policies import make_policy
 
+    plan = by_fork_key(plan)
     todo = [(v, w) for w in work for v in plan if row_key(v.method, v.setting, w[0], w[1], w[2].id) not in done]
     total = len(work) * len(plan)
     log.info("%d rows planned, %d already done, %d to run", total, total - len(todo), len(todo))
@@ -420,6 +431,20 @@ def _run_missing(suite, plan: list[Variant], work: list[tuple[str, int | None, A
         bar.set_postfix_str(f"{variant.method} {variant.setting} {task}")
         bar.update(1)
     bar.close()
+
+
+def by_fork_key(plan: list[Variant]) -> list[Variant]:
+    """``plan`` with the variants that can share a prompt's prefix (equal ``fork_key``) next to each
+    other, groups in order of first appearance: each sample runs one group after another, so a
+    prefix store of one entry serves every variant of a group."""
+    from namm.policies import make_policy
+
+    groups: dict[Any, int] = {}
+    order = []
+    for i, v in enumerate(plan):
+        key = make_policy(v.method, **v.kwargs).fork_key()
+        order.append((groups.setdefault(("shared", key) if key is not None else ("own", i), len(groups)), i))
+    return [plan[i] for _, i in sorted(order)]
 
 
 def _progress(total: int, enabled: bool, unit: str = "gen"):

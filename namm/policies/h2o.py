@@ -23,6 +23,7 @@ class H2O(RankedPolicy):
     recent_ratio: float = 0.5
     needs_attention = True
     name = "h2o"
+    state_fields = ("_acc",)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -25,6 +25,7 @@ class KeyNorm(RankedPolicy):
     n_recent: int = 0
     skip_layers: tuple[int, ...] = ()
     name = "l2"
+    state_fields = ("_norms",)
 
     def __post_init__(self) -> None:
         super().__post_init__()

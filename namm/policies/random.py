@@ -19,6 +19,7 @@ class RandomPolicy(RankedPolicy):
 
     seed: int = 0
     name = "random"
+    state_fields = ()  # positions only: the draw happens at select
 
     def __post_init__(self) -> None:
         super().__post_init__()

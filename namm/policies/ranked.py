@@ -8,6 +8,7 @@ the tokens just added.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -38,8 +39,29 @@ class RankedPolicy(BudgetMixin, MemoryPolicy):
     per-token state, ``update`` (fold in one forward call) and ``prune`` (drop evicted tokens).
     """
 
+    #: the per-token state ``update`` builds besides ``_positions``, for prefix sharing
+    #: (:mod:`namm.prefix`): before the first eviction step it depends only on what was observed
+    #: and on ``state_params()``, never on the budget, so every setting of the policy can continue
+    #: one prefix read. None (the default): the policy reads every prompt itself.
+    state_fields: ClassVar[tuple[str, ...] | None] = None
+
     def __post_init__(self) -> None:
         self.check_budget()
+
+    @property
+    def fork_fields(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("_positions", *(self.state_fields or ()))
+
+    def state_params(self) -> tuple:
+        """The settings ``update`` depends on (SnapKV's window); part of the fork key."""
+        return ()
+
+    def fork_key(self) -> tuple | None:
+        """Policies whose state comes from the same ``update`` with the same ``state_params`` share
+        prefixes: H2O at 25% and at 50%, SnapKV and PyramidKV with the same window."""
+        if self.state_fields is None:
+            return None
+        return ("ranked", type(self).update.__qualname__, self.state_fields, self.state_params())
 
     def reset(self, spec: CacheSpec) -> None:
         super().reset(spec)

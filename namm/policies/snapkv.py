@@ -27,6 +27,7 @@ class SnapKV(RankedPolicy):
     pooling: str = "max"
     needs_attention = True
     name = "snapkv"
+    state_fields = ("_votes",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -36,6 +37,9 @@ class SnapKV(RankedPolicy):
             raise ValueError(f"kernel_size must be a positive odd int, got {self.kernel_size!r}.")
         if self.pooling not in ("max", "avg"):
             raise ValueError(f"pooling must be 'max' or 'avg', got {self.pooling!r}.")
+
+    def state_params(self) -> tuple:
+        return (self.window,)  # the votes buffer holds the last `window` queries
 
     def reset(self, spec: CacheSpec) -> None:
         super().reset(spec)

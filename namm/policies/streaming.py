@@ -16,6 +16,7 @@ class StreamingLLM(RankedPolicy):
 
     n_sink: int = 4
     name = "streaming"
+    state_fields = ()  # positions only
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -19,6 +19,7 @@ class TOVA(RankedPolicy):
 
     needs_attention = True
     name = "tova"
+    state_fields = ("_latest",)
 
     def reset(self, spec: CacheSpec) -> None:
         super().reset(spec)
