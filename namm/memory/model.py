@@ -56,6 +56,10 @@ class NAMMConfig:
     threshold:            keep rule score >= threshold (reference: 0).
     max_cache:            optional cap on tokens kept per layer in threshold mode (reference: none).
     keep_ratio:           the budget mode's fraction of tokens kept.
+    score_pool:           odd width of a max-pool of each head's scores along the cache before
+                          selection: a token scores the best of itself and its ``score_pool // 2``
+                          neighbours on either side, so multi-token spans are kept whole (1: off,
+                          the reference).
     evolved_on:           the model id the NAMM was evolved on (informational).
     """
 
@@ -70,6 +74,7 @@ class NAMMConfig:
     threshold: float = 0.0
     max_cache: int | None = None
     keep_ratio: float | None = None
+    score_pool: int = 1
     evolved_on: str | None = None
 
     def __post_init__(self) -> None:
@@ -89,6 +94,10 @@ class NAMMConfig:
         if self.chat is not None and not isinstance(self.chat, bool):
             raise ValueError(f"chat must be true, false or null, got {self.chat!r}.")
         check_keep(self.keep, self.keep_ratio, self.max_cache)
+        if isinstance(self.score_pool, bool) or not isinstance(self.score_pool, int) or self.score_pool < 1 \
+                or self.score_pool % 2 == 0:
+            raise ValueError(f"score_pool must be a positive odd number of tokens (1: no pooling), "
+                             f"got {self.score_pool!r}.")
 
     @property
     def schedule(self) -> dict[str, Any]:

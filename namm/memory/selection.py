@@ -24,6 +24,23 @@ def topk_indices(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     return topk(scores, n_keep)
 
 
+def pool_scores(scores: torch.Tensor, width: int, held: torch.Tensor | None = None) -> torch.Tensor:
+    """Each token's score raised to the best score within ``width // 2`` cached tokens on either
+    side, per head (a max-pool along the cache, as SnapKV pools its votes): a token is kept when
+    it or a neighbour scores high, so a multi-token span (the digits of a number) stays whole.
+
+    scores: (kv_heads, cache_len); width: odd, 1 returns ``scores`` itself. held: bool, False on
+    padded slots of a ragged cache, which neither give nor get a pooled score.
+    """
+    if width == 1:
+        return scores
+    if not isinstance(width, int) or width < 1 or width % 2 == 0:
+        raise ValueError(f"score_pool must be a positive odd number of tokens, got {width!r}.")
+    base = scores if held is None else scores.masked_fill(~held, float("-inf"))
+    pooled = torch.nn.functional.max_pool1d(base[:, None], width, stride=1, padding=width // 2)[:, 0]
+    return pooled if held is None else torch.where(held, pooled, scores)
+
+
 def _prepare(scores: torch.Tensor) -> torch.Tensor:
     """Copy of ``scores`` (kv_heads, cache_len) with NaNs dropped and the newest token forced in."""
     if scores.dim() != 2 or scores.shape[-1] == 0:

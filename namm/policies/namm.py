@@ -12,7 +12,7 @@ from namm.memory.buffers import capacity_for, fresh, with_capacity
 from namm.memory.extra_features import AttentionMoments, extra_columns, vector_norms
 from namm.memory.features import RunningStats, StreamingSpectrogram, normalised_inputs, relative_depth
 from namm.memory.model import KEEP_MODES, NAMM
-from namm.memory.selection import budget_select, threshold_count, threshold_mask
+from namm.memory.selection import budget_select, pool_scores, threshold_count, threshold_mask
 from namm.policies.base import (BudgetMixin, CacheSpec, MemoryPolicy, gather_kept, ragged_indices, tokens_seen,
                                 topk_indices)
 
@@ -274,6 +274,9 @@ class NAMMPolicy(MemoryPolicy):
             features = [self.namm.features(*self._eviction_inputs(layer), self.depth(layer)) for layer in layers]
         with self.timer("scorer"):
             scores = self.namm.score_features(features)  # one batched call (or a few) for all layers
+            width = self.namm.config.score_pool
+            if width > 1:
+                scores = [pool_scores(s, width, self.positions[layer] >= 0) for layer, s in zip(layers, scores)]
         if self.keep == "budget":
             seen = tokens_seen(self.positions[layers[0]])  # every layer keeps the newest token
             counts = [BudgetMixin.n_keep(self, seen, s.shape[-1]) for s in scores]  # type: ignore[arg-type]
