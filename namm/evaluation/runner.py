@@ -371,7 +371,6 @@ class TextTasks:
 
     def __init__(self, config: EvalConfig, model, tokenizer, engine_config) -> None:
         from namm.engine import Engine
-
         from namm.prefix import PrefixStore
 
         self.config, self.tokenizer = config, tokenizer
