@@ -138,7 +138,6 @@ def test_cli_flags_map_onto_the_config():
 def test_report_only_runs_nothing_and_gives_no_mean_to_a_row_missing_a_cell(tiny_llama, tmp_path, monkeypatch):
     """``--report-only`` writes the tables from the finished rows (an interrupted run's) without
     running anything; a row missing a task's cell shows that cell as "-" and no mean."""
-
     model, tok = tiny_llama
     config = replace(_config(tmp_path), tasks=["passkey", "kv_retrieval"])
     rows = run_evaluation(config, model, tok, progress=False)
