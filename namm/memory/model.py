@@ -24,6 +24,7 @@ import torch
 
 from namm.memory.features import FeatureConfig, RunningStats, token_features
 from namm.memory.scoring import FlatScorer, ScorerConfig, build_scorer, score_ragged
+from namm.memory.selection import carry_scores
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 CONFIG_FILE = "config.json"
@@ -60,6 +61,10 @@ class NAMMConfig:
                           selection: a token scores the best of itself and its ``score_pool // 2``
                           neighbours on either side, so multi-token spans are kept whole (1: off,
                           the reference).
+    score_carry:          each head's score of a token carries to the ``score_carry`` tokens after it,
+                          less ``score_carry_decay`` per token (:func:`~namm.memory.selection.carry_scores`):
+                          a strong start keeps the span that follows it (0: off, the reference).
+    score_carry_decay:    the carried score's drop per token of distance (>= 0).
     evolved_on:           the model id the NAMM was evolved on (informational).
     """
 
@@ -75,6 +80,8 @@ class NAMMConfig:
     max_cache: int | None = None
     keep_ratio: float | None = None
     score_pool: int = 1
+    score_carry: int = 0
+    score_carry_decay: float = 0.0
     evolved_on: str | None = None
 
     def __post_init__(self) -> None:
@@ -98,6 +105,7 @@ class NAMMConfig:
                 or self.score_pool % 2 == 0:
             raise ValueError(f"score_pool must be a positive odd number of tokens (1: no pooling), "
                              f"got {self.score_pool!r}.")
+        carry_scores(torch.zeros(1, 1), self.score_carry, self.score_carry_decay)  # validates both
 
     @property
     def schedule(self) -> dict[str, Any]:

@@ -41,6 +41,31 @@ def pool_scores(scores: torch.Tensor, width: int, held: torch.Tensor | None = No
     return pooled if held is None else torch.where(held, pooled, scores)
 
 
+def carry_scores(scores: torch.Tensor, span: int, decay: float = 0.0, held: torch.Tensor | None = None) -> torch.Tensor:
+    """Each token's score raised to the scores of the ``span`` cached tokens before it, less
+    ``decay`` per token of distance, per head: ``s'_i = max(s_i, max_{1<=j<=span} s_{i-j} - j * decay)``.
+
+    Causal, unlike :func:`pool_scores`: at the prompt's end the question's attention points at the
+    *start* of the span it asks for (the first digits of a number); the tokens after it are read
+    only while the answer is written. A start scoring ``m`` above the threshold keeps the next
+    ``floor(m / decay)`` tokens too (at most ``span``).
+
+    scores: (kv_heads, cache_len); span: tokens, 0 returns ``scores`` itself. held: bool, False on
+    padded slots of a ragged cache, which neither give nor get a carried score.
+    """
+    if isinstance(span, bool) or not isinstance(span, int) or span < 0:
+        raise ValueError(f"score_carry must be a number of tokens >= 0, got {span!r}.")
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay >= 0:
+        raise ValueError(f"score_carry_decay must be a number >= 0, got {decay!r}.")
+    if span == 0:
+        return scores
+    base = scores if held is None else scores.masked_fill(~held, float("-inf"))
+    out = base.clone()
+    for j in range(1, min(span, base.shape[-1] - 1) + 1):
+        out[:, j:] = torch.maximum(out[:, j:], base[:, :-j] - j * decay)
+    return out if held is None else torch.where(held, out, scores)
+
+
 def _prepare(scores: torch.Tensor) -> torch.Tensor:
     """Copy of ``scores`` (kv_heads, cache_len) with NaNs dropped and the newest token forced in."""
     if scores.dim() != 2 or scores.shape[-1] == 0:

@@ -12,7 +12,7 @@ from namm.memory.buffers import capacity_for, fresh, with_capacity
 from namm.memory.extra_features import AttentionMoments, extra_columns, vector_norms
 from namm.memory.features import RunningStats, StreamingSpectrogram, normalised_inputs, relative_depth
 from namm.memory.model import KEEP_MODES, NAMM
-from namm.memory.selection import budget_select, pool_scores, threshold_count, threshold_mask
+from namm.memory.selection import budget_select, carry_scores, pool_scores, threshold_count, threshold_mask
 from namm.policies.base import (BudgetMixin, CacheSpec, MemoryPolicy, gather_kept, ragged_indices, tokens_seen,
                                 topk_indices)
 
@@ -277,6 +277,9 @@ class NAMMPolicy(MemoryPolicy):
             width = self.namm.config.score_pool
             if width > 1:
                 scores = [pool_scores(s, width, self.positions[layer] >= 0) for layer, s in zip(layers, scores)]
+            span, decay = self.namm.config.score_carry, self.namm.config.score_carry_decay
+            if span > 0:
+                scores = [carry_scores(s, span, decay, self.positions[layer] >= 0) for layer, s in zip(layers, scores)]
         if self.keep == "budget":
             seen = tokens_seen(self.positions[layers[0]])  # every layer keeps the newest token
             counts = [BudgetMixin.n_keep(self, seen, s.shape[-1]) for s in scores]  # type: ignore[arg-type]

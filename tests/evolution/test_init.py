@@ -46,3 +46,18 @@ def test_a_run_starts_from_init_lifted_with_its_normalisation(tiny_config, tmp_p
                       init=str(tmp_path / "init"), output_dir=str(tmp_path / "bad"))
     with pytest.raises(ValueError, match="only a linear NAMM"):
         EvolutionRun(bad).run()
+
+
+def test_a_run_with_score_carry_starts_from_an_init_without_it_and_records_it(tiny_config, tmp_path):
+    """``score_carry`` is a rule of the run, not a parameter: an init evolved without it lifts, and
+    the run's checkpoints carry the run's rule (so `namm eval` runs them with it)."""
+    from namm.evolution.runner import EvolutionRun
+
+    namm_table = {"scorer": LINEAR, "features": {"extras": list(EXTRAS), "depth_basis": 2}, "keep": "threshold",
+                  "threshold": 0.5, "score_carry": 3, "score_carry_decay": 0.25}
+    blind_linear_namm(0.1).save_pretrained(tmp_path / "init")
+    config = tiny_config(namm=namm_table, init=str(tmp_path / "init"), eval_interval=0,
+                         stages=[{"tasks": ["passkey"], "generations": 1}])
+    EvolutionRun(config).run()
+    saved = NAMM.from_pretrained(tmp_path / "run" / "mean").config
+    assert (saved.score_carry, saved.score_carry_decay, saved.keep) == (3, 0.25, "threshold")
