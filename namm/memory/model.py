@@ -24,7 +24,7 @@ import torch
 
 from namm.memory.features import FeatureConfig, RunningStats, token_features
 from namm.memory.scoring import FlatScorer, ScorerConfig, build_scorer, score_ragged
-from namm.memory.selection import carry_scores
+from namm.memory.selection import check_carry
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 CONFIG_FILE = "config.json"
@@ -105,7 +105,7 @@ class NAMMConfig:
                 or self.score_pool % 2 == 0:
             raise ValueError(f"score_pool must be a positive odd number of tokens (1: no pooling), "
                              f"got {self.score_pool!r}.")
-        carry_scores(torch.zeros(1, 1), self.score_carry, self.score_carry_decay)  # validates both
+        check_carry(self.score_carry, self.score_carry_decay)
 
     @property
     def schedule(self) -> dict[str, Any]:

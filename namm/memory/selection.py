@@ -41,6 +41,14 @@ def pool_scores(scores: torch.Tensor, width: int, held: torch.Tensor | None = No
     return pooled if held is None else torch.where(held, pooled, scores)
 
 
+def check_carry(span: int, decay: float) -> None:
+    """Validate ``score_carry`` (tokens, >= 0) and ``score_carry_decay`` (a number >= 0)."""
+    if isinstance(span, bool) or not isinstance(span, int) or span < 0:
+        raise ValueError(f"score_carry must be a number of tokens >= 0, got {span!r}.")
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay >= 0:
+        raise ValueError(f"score_carry_decay must be a number >= 0, got {decay!r}.")
+
+
 def carry_scores(scores: torch.Tensor, span: int, decay: float = 0.0, held: torch.Tensor | None = None) -> torch.Tensor:
     """Each token's score raised to the scores of the ``span`` cached tokens before it, less
     ``decay`` per token of distance, per head: ``s'_i = max(s_i, max_{1<=j<=span} s_{i-j} - j * decay)``.
@@ -50,13 +58,13 @@ def carry_scores(scores: torch.Tensor, span: int, decay: float = 0.0, held: torc
     only while the answer is written. A start scoring ``m`` above the threshold keeps the next
     ``floor(m / decay)`` tokens too (at most ``span``).
 
+    Neighbours are taken in cache order (ascending positions), so after an earlier eviction a
+    token's predecessor is the nearest older token still cached.
+
     scores: (kv_heads, cache_len); span: tokens, 0 returns ``scores`` itself. held: bool, False on
     padded slots of a ragged cache, which neither give nor get a carried score.
     """
-    if isinstance(span, bool) or not isinstance(span, int) or span < 0:
-        raise ValueError(f"score_carry must be a number of tokens >= 0, got {span!r}.")
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay >= 0:
-        raise ValueError(f"score_carry_decay must be a number >= 0, got {decay!r}.")
+    check_carry(span, decay)
     if span == 0:
         return scores
     base = scores if held is None else scores.masked_fill(~held, float("-inf"))
