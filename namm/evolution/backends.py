@@ -252,7 +252,13 @@ class ProcessBackend:
 
     def _pool(self) -> ProcessPoolExecutor:
         # spawn: a forked child would share the parent's torch threads and CUDA state
-        return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
+        pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
+        # When a worker dies, Python 3.11's pool itself (its manager thread, before any except clause
+        # here runs) joins the job queue's feeder thread, which may be blocked writing jobs into a pipe
+        # that no live worker reads: the interpreter then hangs at exit. Never join it; a normal
+        # shutdown still delivers every job, since it waits for the workers to read their stop signal.
+        pool._call_queue.cancel_join_thread()
+        return pool
 
     def _submit(self, method: str, *args):
         return self.pool.submit(_process_call, self.spec, self.norm, method, args)

@@ -92,3 +92,35 @@ def test_a_local_run_resumes_on_worker_processes(tmp_path, tiny_dict, write_toml
     sessions = [json.loads(line) for line in (run / ckpt.SESSIONS_FILE).read_text().splitlines()]
     assert [(s["generation"], s["backend"], s["workers"]) for s in sessions] == [(0, "local", 1), (1, "processes", 2)]
     assert [h["fitness"] for h in state["history"]] == [h["fitness"] for h in whole["history"]]
+
+
+EXIT_AFTER_A_DEAD_WORKER = """
+import os, signal, time, types
+from namm.evolution.backends import ProcessBackend
+
+pool = ProcessBackend._pool(types.SimpleNamespace(workers=1))
+busy = pool.submit(time.sleep, 60)
+while not pool._processes or not busy.running():
+    time.sleep(0.05)
+queued = [pool.submit(len, b"x" * 2**20) for _ in range(4)]  # more than the job pipe holds
+time.sleep(0.5)
+for pid in list(pool._processes):
+    os.kill(pid, signal.SIGKILL)
+try:
+    busy.result(timeout=30)
+except Exception as exc:
+    print(type(exc).__name__)
+"""
+
+
+def test_the_interpreter_exits_after_a_worker_died_with_jobs_in_the_pipe():
+    """Python 3.11's pool joins its job queue's feeder thread when a worker dies; blocked on a full
+    pipe that nobody reads, that join hung the interpreter at exit (and a CI run with it). Without
+    the fix this script hangs on Python 3.11.2 (the CI machine's); 3.11.7 happens not to."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", EXIT_AFTER_A_DEAD_WORKER], capture_output=True, text=True,
+                          timeout=60, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "BrokenProcessPool"
