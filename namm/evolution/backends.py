@@ -269,14 +269,10 @@ class ProcessBackend:
 
     @staticmethod
     def _abandon(pool: ProcessPoolExecutor) -> None:
-        """Drop a broken pool for good: end its processes and never wait on its job queue. Jobs
-        sent after its workers died sit in a pipe nobody reads; joining its feeder thread at exit
-        would hang the interpreter (Python < 3.12 joins it)."""
+        """Drop a broken pool for good: end its processes and do not wait for it (its job queue is
+        never joined: :meth:`_pool`)."""
         for process in list((getattr(pool, "_processes", None) or {}).values()):
             process.kill()
-        queue = getattr(pool, "_call_queue", None)
-        if queue is not None:
-            queue.cancel_join_thread()
         pool.shutdown(wait=False, cancel_futures=True)
 
     def call(self, method: str, *args):
