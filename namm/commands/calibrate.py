@@ -24,7 +24,6 @@ from namm.memory import NAMM, NAMMConfig
 from namm.memory.model import schedule_of
 from namm.memory.calibration import calibrate, fit_threshold
 from namm.policies.namm import load_namm
-from namm.prefix import PrefixStore
 from namm.tasks import load_task
 
 log = logging.getLogger(__name__)
@@ -87,9 +86,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.keep_stats:
         namm = calibrate(engine, namm, prompts, progress=not args.quiet)
     if args.fit_threshold is not None:
-        # every run of the bisection reads the same prompts up to the NAMM's first eviction step (under
-        # the prompt-end schedule, the whole prompt): read each once and fork it (namm.prefix)
-        engine.prefix_store = PrefixStore(max_entries=min(len(prompts), 16))
         namm, record["threshold_fit"] = fit_threshold(engine, namm, prompts, args.fit_threshold,
                                                       progress=not args.quiet)
     path = namm.save_pretrained(args.out)

@@ -92,6 +92,13 @@ def fit_threshold(
     ``prompts`` until the mean kept fraction at the prompt's end is within ``tol`` of ``target``
     (kept fractions fall as the threshold rises). Use training prompts, never held-out ones.
 
+    Each prompt is read once: the runs differ only from the first eviction step on, so an engine
+    without a prefix store that holds every prompt gets one for the fit (:mod:`namm.prefix`, one snapshot per prompt: the
+    KV cache and feature state of each prompt up to that step are held in memory meanwhile) and
+    every run after the first continues each prompt from its snapshot, bit for bit the same.
+    Under a schedule with one step, at the prompt's end, a run after the first costs only the scorer
+    and one token per prompt.
+
     Returns the NAMM with the fitted threshold (its recorded keep mode, parameters and normalisation
     unchanged: a budget-mode NAMM still runs as one by default, and ``keep="threshold"`` runs it
     with this threshold) and a record: target, achieved fraction, threshold, runs, prompts.
@@ -101,6 +108,16 @@ def fit_threshold(
     prompts = list(prompts)
     if not prompts:
         raise ValueError("fit_threshold needs at least one prompt.")
+    from namm.prefix import PrefixStore
+
+    held = getattr(engine, "prefix_store", False)
+    if held is None or (isinstance(held, PrefixStore) and held.max_entries < len(prompts)):
+        # a store smaller than the prompts would drop each snapshot before the next run reads it
+        engine.prefix_store = PrefixStore(max_entries=len(prompts))
+        try:
+            return fit_threshold(engine, namm, prompts, target, tol=tol, max_runs=max_runs, progress=progress)
+        finally:
+            engine.prefix_store = held
     from tqdm.auto import tqdm
 
     bar = tqdm(total=max_runs, desc="fitting threshold", unit="run", disable=not progress)

@@ -9,6 +9,7 @@ from namm.engine import Engine, EngineConfig
 from namm.memory.calibration import calibrate, fit_threshold, threshold_kept
 from namm.memory.model import NAMM, NAMMConfig
 from namm.policies.namm import NAMMPolicy
+from namm.prefix import PrefixStore
 
 CONFIG = EngineConfig(chunk_size=32, delay=64)
 
@@ -52,6 +53,35 @@ def test_fitted_threshold_keeps_the_target_in_threshold_mode(setup, target):
     # and the budget mode it was evolved in still runs at its keep_ratio by default
     budget = engine.generate(prompts()[0], max_new_tokens=1, policy=NAMMPolicy(namm=fitted))
     assert budget.report.prefill.kept_fraction == pytest.approx(0.4, abs=0.03)
+
+
+def test_the_fit_reads_each_prompt_once_and_leaves_the_engine_as_it_was(setup, monkeypatch):
+    engine, namm = setup
+    assert engine.prefix_store is None
+    stores = []
+    put = PrefixStore.put
+
+    def spy(self, key, snapshot):
+        stores.append(self)
+        put(self, key, snapshot)
+
+    monkeypatch.setattr(PrefixStore, "put", spy)
+    fitted, record = fit_threshold(engine, namm, prompts(), 0.5, tol=0.01, progress=False)
+    store = stores[0]
+    # one snapshot per prompt, filled on the first run and read by every later one
+    assert len(stores) == store.misses == 3 and record["runs"] >= 3
+    assert store.hits == 3 * (record["runs"] - 1)
+    assert engine.prefix_store is None
+    # an engine's own store too small to hold every prompt (it would drop each before its next read)
+    engine.prefix_store = small = PrefixStore(max_entries=2)
+    try:
+        again, _ = fit_threshold(engine, namm, prompts(), 0.5, tol=0.01, progress=False)
+    finally:
+        engine.prefix_store = None
+    assert stores[-1] is not small and small.misses == 0 and stores[-1].hits == store.hits
+    assert again.config.threshold == fitted.config.threshold
+    # the same answer as runs that read every prompt whole (no store)
+    assert threshold_kept(engine, namm, prompts(), record["threshold"]) == pytest.approx(record["kept"], abs=1e-9)
 
 
 def test_unreachable_or_bad_targets_raise(setup):
