@@ -93,7 +93,7 @@ def fit_threshold(
     (kept fractions fall as the threshold rises). Use training prompts, never held-out ones.
 
     Each prompt is read once: the runs differ only from the first eviction step on, so an engine
-    without a prefix store that holds every prompt gets one for the fit (:mod:`namm.prefix`, one snapshot per prompt: the
+    without a prefix store that holds every prompt gets one for the fit (:mod:`namm.prefix`: the
     KV cache and feature state of each prompt up to that step are held in memory meanwhile) and
     every run after the first continues each prompt from its snapshot, bit for bit the same.
     Under a schedule with one step, at the prompt's end, a run after the first costs only the scorer
